@@ -1,0 +1,3 @@
+from .text import Model
+
+__all__ = ["Model"]

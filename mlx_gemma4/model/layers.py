@@ -1,0 +1,100 @@
+"""Small building blocks shared by the Gemma 4 decoder: norms, RoPE, the GeGLU MLP, masks."""
+
+from functools import partial
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import LayerSpec
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: the weight multiplies directly (no Gemma 2/3 `1 + w` offset)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, None, eps)
+
+
+class RoPE(nn.Module):
+    """Default RoPE (all dims rotate) or Gemma 4's proportional partial RoPE.
+
+    Proportional RoPE rotates the first `fraction * head_dim / 2` frequency pairs with exponents
+    normalised by the full head_dim; the remaining pairs have frequency 0 (an infinite period here),
+    i.e. they pass through unrotated.
+    """
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.dims = spec.head_dim
+        self.base = spec.rope_theta
+        rotated_pairs = int(spec.rope_fraction * spec.head_dim // 2)
+        if rotated_pairs < spec.head_dim // 2:
+            exponents = mx.arange(0, 2 * rotated_pairs, 2, dtype=mx.float32) / spec.head_dim
+            periods = self.base**exponents
+            unrotated = mx.full((spec.head_dim // 2 - rotated_pairs,), mx.inf)
+            self._periods = mx.concatenate([periods, unrotated])
+        else:
+            self._periods = None
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        if self._periods is None:
+            return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
+
+
+@partial(mx.compile, shapeless=True)
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.gelu_approx(gate) * up
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@partial(mx.compile, shapeless=True)
+def soft_cap(x: mx.array, cap: mx.array) -> mx.array:
+    return mx.tanh(x / cap) * cap
+
+
+Mask = Union[None, str, mx.array]
+
+
+def attention_mask(
+    query_start: int,
+    query_len: int,
+    key_positions: mx.array,
+    window: Optional[int],
+    left_padding: Optional[mx.array],
+) -> mx.array:
+    """Boolean mask [B or 1, 1, query_len, keys]: causal, inside the window, not padding, not empty.
+
+    A padding query still sees itself, so its (discarded) row never becomes all -inf.
+    """
+    q = mx.arange(query_start, query_start + query_len)[:, None]
+    k = key_positions[None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask = mask & (k > q - window)
+    if left_padding is not None:
+        lp = left_padding[:, None, None, None]
+        mask = mask[None, None] & ((k >= lp) | (k == q))
+    else:
+        mask = mask[None, None]
+    return mask

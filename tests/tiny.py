@@ -1,0 +1,115 @@
+"""Random tiny Gemma 4 checkpoints of each variant style, written by transformers (the oracle)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+torch = __import__("pytest").importorskip("torch")
+transformers = __import__("pytest").importorskip("transformers")
+
+WINDOW = 8
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    num_attention_heads=4,
+    head_dim=16,
+    global_head_dim=32,
+    sliding_window=WINDOW,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=512,
+)
+
+# The four variant styles of the real family, shrunk.
+VARIANTS = {
+    # PLE, KV sharing (2 of 6 layers), double-wide MLP on shared layers, 4:1 pattern, 1 KV head.
+    "e2b": dict(
+        COMMON,
+        num_hidden_layers=6,
+        intermediate_size=48,
+        num_key_value_heads=1,
+        layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+        num_kv_shared_layers=3,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=96,
+        use_double_wide_mlp=True,
+    ),
+    # PLE, KV sharing, 5:1 pattern, 2 KV heads, uniform MLP.
+    "e4b": dict(
+        COMMON,
+        num_hidden_layers=7,
+        intermediate_size=80,
+        num_key_value_heads=2,
+        layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 3 + ["full_attention"],
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=96,
+    ),
+    # MoE with a dense branch, k_eq_v with separate global KV heads, no PLE.
+    "26b": dict(
+        COMMON,
+        num_hidden_layers=4,
+        intermediate_size=40,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"],
+        hidden_size_per_layer_input=0,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=24,
+    ),
+    # Dense, k_eq_v, global KV heads, no PLE.
+    "31b": dict(
+        COMMON,
+        num_hidden_layers=4,
+        intermediate_size=96,
+        num_key_value_heads=4,
+        num_global_key_value_heads=2,
+        attention_k_eq_v=True,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        hidden_size_per_layer_input=0,
+    ),
+}
+
+
+def randomize_(model, seed: int):
+    """transformers initialises norms to 1 and scalars to 1; random values make parity bite."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(("router.scale", "per_expert_scale")):
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("layer_scalar"):
+                param.copy_(0.5 + torch.rand(param.shape, generator=gen))
+            else:
+                param.copy_(0.15 * torch.randn(param.shape, generator=gen))
+        for name, buf in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buf.copy_(0.5 + torch.rand(buf.shape, generator=gen))
+
+
+def save_causal_lm(variant: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    torch.manual_seed(seed)
+    config = transformers.Gemma4TextConfig(**{**VARIANTS[variant], **overrides})
+    model = transformers.Gemma4ForCausalLM(config).eval()
+    randomize_(model, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def oracle_logits(folder: Path, ids: np.ndarray, attention_mask=None) -> np.ndarray:
+    """transformers' logits for int ids [B, L], float32."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.tensor(attention_mask)
+        out = model(torch.tensor(ids, dtype=torch.long), **kwargs)
+    return out.logits.float().numpy()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
