@@ -150,7 +150,7 @@ def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict
             return overrides[path]
         return hasattr(module, "to_quantized") and f"{path}.scales" in weights
 
-    nn.quantize(model, predicate, **defaults)
+    nn.quantize(model, class_predicate=predicate, **defaults)
 
 
 def check_shapes(model: nn.Module, weights: dict, origin: dict):

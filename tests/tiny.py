@@ -113,3 +113,18 @@ def oracle_logits(folder: Path, ids: np.ndarray, attention_mask=None) -> np.ndar
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def save_tokenizer(folder: Path, vocab_size: int = 96) -> Path:
+    """A word-level tokenizer over `vocab_size` tokens, enough for tools that insist on one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(len(specials), vocab_size)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(folder)
+    return folder
