@@ -1,31 +1,35 @@
 """mlx-gemma4: Gemma 4 on MLX (Apple silicon Metal, Linux CPU, NVIDIA CUDA)."""
 
+import json
+from pathlib import Path
+
 from .config import ConfigError, TextConfig
 from .loading import LoadError, load_model, resolve_path
 from .model import Model
 
 
-def load(path_or_repo: str, lazy: bool = False):
-    """(model, tokenizer) for a local folder or hub id; the tokenizer is mlx-lm's `TokenizerWrapper`."""
+BUNDLED_MODEL = Path(__file__).parent / "bundled" / "gemma4-tiny"
+
+
+def load(path_or_repo: str = str(BUNDLED_MODEL), lazy: bool = False):
+    """(model, tokenizer) for a local folder or hub id (default: the bundled tiny model).
+
+    The tokenizer is mlx-lm's `TokenizerWrapper`; `model.generation_defaults` holds the checkpoint's
+    generation_config.json (sampling defaults, EOS ids).
+    """
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     path = resolve_path(str(path_or_repo))
     model = load_model(path, lazy=lazy)
-    return model, load_tokenizer(path, eos_token_ids=_eos_ids(path))
+    defaults = _read_json(path / "generation_config.json")
+    model.generation_defaults = defaults
+    eos = defaults.get("eos_token_id", _read_json(path / "config.json").get("eos_token_id"))
+    eos = [eos] if isinstance(eos, int) else eos
+    return model, load_tokenizer(path, eos_token_ids=eos)
 
 
-def _eos_ids(path):
-    import json
-
-    ids = []
-    for name in ("generation_config.json", "config.json"):
-        file = path / name
-        if file.exists():
-            value = json.loads(file.read_text()).get("eos_token_id")
-            if value is not None:
-                ids += value if isinstance(value, list) else [value]
-                break
-    return sorted(set(ids)) or None
+def _read_json(file: Path) -> dict:
+    return json.loads(file.read_text()) if file.exists() else {}
 
 
 __all__ = ["ConfigError", "LoadError", "Model", "TextConfig", "load", "load_model"]
