@@ -6,20 +6,22 @@
   reuse) and every query keeps its full window.
 KV-shared layers own no cache: they reuse the keys/values their producer layer returns.
 
-Both caches record the absolute position of every key slot they hand to attention (`key_positions`),
-which is what masks are built from; left-padded batches carry their padding per row.
+Both caches know the absolute position of every key slot they hand to attention (`key_positions`),
+which is what masks are built from; left-padded batches carry their padding per row. Positions are
+host-side numpy bookkeeping: a decode step then costs no extra device operations for it.
 """
 
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
 GROWTH_STEP = 256
 DEFAULT_ROLLBACK = 32
 
 
 class FullCache:
-    def __init__(self, left_padding: Optional[mx.array] = None):
+    def __init__(self, left_padding: Optional[np.ndarray] = None):
         self.keys = None
         self.values = None
         self.offset = 0
@@ -37,9 +39,9 @@ class FullCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
-    def key_positions(self, length: int) -> mx.array:
+    def key_positions(self, length: int) -> np.ndarray:
         """Positions of the keys the next `update_and_fetch` of `length` tokens will return."""
-        return mx.arange(self.offset + length)
+        return np.arange(self.offset + length)
 
     def covers_window(self, length: int, window: int) -> bool:
         return True
@@ -75,7 +77,7 @@ class SlidingCache:
     start at slot `write - filled` (mod capacity).
     """
 
-    def __init__(self, window: int, rollback: int = DEFAULT_ROLLBACK, left_padding: Optional[mx.array] = None):
+    def __init__(self, window: int, rollback: int = DEFAULT_ROLLBACK, left_padding: Optional[np.ndarray] = None):
         self.window = window
         self.rollback = rollback
         self.capacity = window - 1 + rollback
@@ -91,15 +93,16 @@ class SlidingCache:
         """Valid keys, values and positions, oldest -> newest."""
         if self.filled == 0:
             return None
-        order = (mx.arange(self.filled) + (self.write - self.filled)) % self.capacity
-        return self.keys[..., order, :], self.values[..., order, :], self.positions[order]
+        order = (np.arange(self.filled) + (self.write - self.filled)) % self.capacity
+        return self.keys[..., mx.array(order), :], self.values[..., mx.array(order), :], self.positions[order]
 
     def _store(self, keys, values, positions):
         """Keep the newest `capacity` of these (temporally ordered) tokens, at slots 0, 1, ..."""
         kept = min(keys.shape[2], self.capacity)
         self.keys = _pad_slots(keys[..., keys.shape[2] - kept :, :], self.capacity, 2)
         self.values = _pad_slots(values[..., values.shape[2] - kept :, :], self.capacity, 2)
-        self.positions = _pad_slots(positions[positions.shape[0] - kept :], self.capacity, 0, fill=-1)
+        self.positions = np.full(self.capacity, -1, np.int64)
+        self.positions[:kept] = positions[len(positions) - kept :]
         self.filled = kept
         self.write = kept % self.capacity
 
@@ -107,14 +110,14 @@ class SlidingCache:
         length = keys.shape[2]
         if length == 1 and self.keys is not None:
             return self._write_one(keys, values)
-        new_positions = mx.arange(self.offset, self.offset + length)
+        new_positions = np.arange(self.offset, self.offset + length)
         old = self._temporal()
         if old is None:
             all_k, all_v, all_p = keys, values, new_positions
         else:
             all_k = mx.concatenate([old[0], keys], axis=2)
             all_v = mx.concatenate([old[1], values], axis=2)
-            all_p = mx.concatenate([old[2], new_positions])
+            all_p = np.concatenate([old[2], new_positions])
         self.offset += length
         self._store(all_k, all_v, all_p)
         return all_k, all_v
@@ -129,17 +132,17 @@ class SlidingCache:
         self.filled = min(self.filled + 1, self.capacity)
         return self.keys, self.values
 
-    def key_positions(self, length: int) -> mx.array:
+    def key_positions(self, length: int) -> np.ndarray:
         """Positions of the keys the next `update_and_fetch` of `length` tokens will return."""
-        new_positions = mx.arange(self.offset, self.offset + length)
+        new_positions = np.arange(self.offset, self.offset + length)
         if self.keys is None:
             return new_positions
         if length == 1:
-            positions = mx.array(self.positions)
+            positions = self.positions.copy()
             positions[self.write] = self.offset
             return positions
-        old = self._temporal()
-        return new_positions if old is None else mx.concatenate([old[2], new_positions])
+        order = (np.arange(self.filled) + (self.write - self.filled)) % self.capacity
+        return np.concatenate([self.positions[order], new_positions])
 
     def covers_window(self, length: int, window: int) -> bool:
         """True when a plain causal mask is exact: only new keys are returned, all inside the window."""
@@ -165,12 +168,14 @@ class SlidingCache:
 
     @property
     def state(self):
-        return self._temporal()
+        keys, values, positions = self._temporal()
+        return keys, values, mx.array(positions)
 
     @state.setter
     def state(self, value):
         keys, values, positions = value
-        self.offset = int(positions[-1].item()) + 1
+        positions = np.array(positions)
+        self.offset = int(positions[-1]) + 1
         self._store(keys, values, positions)
 
     @property
@@ -186,11 +191,11 @@ def _grow(old: Optional[mx.array], like: mx.array, capacity: int, used: int) -> 
     return grown
 
 
-def _pad_slots(array: mx.array, capacity: int, axis: int, fill: int = 0) -> mx.array:
+def _pad_slots(array: mx.array, capacity: int, axis: int) -> mx.array:
     """Pad `array` along `axis` to `capacity` slots (a ring that has not filled yet)."""
     missing = capacity - array.shape[axis]
     if missing <= 0:
         return array
     widths = [(0, 0)] * array.ndim
     widths[axis] = (0, missing)
-    return mx.pad(array, widths, constant_values=fill)
+    return mx.pad(array, widths)

@@ -29,6 +29,8 @@ MULTIMODAL_PREFIXES = (
 )
 SHARED_KV_WEIGHTS = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
 PLE_TABLE = "model.embed_tokens_per_layer.weight"
+# Smaller tables stay resident: gathering from a map makes each step wait for its token on the host.
+MAP_MIN_BYTES = 64 << 20
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.md"]
 
 
@@ -171,8 +173,8 @@ def check_shapes(model: nn.Module, weights: dict, origin: dict):
 def load_model(path_or_repo: str, lazy: bool = False, map_ple: bool = True) -> Model:
     """Build the model described by the folder's config.json and load its weights.
 
-    With `map_ple` an unquantized per-layer embedding table is gathered from a memory map of the
-    checkpoint rather than held in memory.
+    With `map_ple` a large unquantized per-layer embedding table (E2B/E4B) is gathered from a memory
+    map of the checkpoint rather than held in memory.
     """
     path = resolve_path(str(path_or_repo))
     raw = read_config(path)
@@ -185,7 +187,8 @@ def load_model(path_or_repo: str, lazy: bool = False, map_ple: bool = True) -> M
     quantization = raw.get("quantization")
     if quantization:
         quantize_like_checkpoint(model, quantization, weights, config)
-    if map_ple and config.has_ple and PLE_TABLE in weights and f"{PLE_TABLE[:-7]}.scales" not in weights:
+    table = weights.get(PLE_TABLE)
+    if map_ple and table is not None and table.nbytes >= MAP_MIN_BYTES and f"{PLE_TABLE[:-7]}.scales" not in weights:
         model.model.embed_tokens_per_layer = MappedEmbedding(*origin[PLE_TABLE])
         del weights[PLE_TABLE]
     check_shapes(model, weights, origin)

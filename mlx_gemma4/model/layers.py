@@ -5,6 +5,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..config import LayerSpec
 
@@ -79,22 +80,21 @@ Mask = Union[None, str, mx.array]
 def attention_mask(
     query_start: int,
     query_len: int,
-    key_positions: mx.array,
+    key_positions: np.ndarray,
     window: Optional[int],
-    left_padding: Optional[mx.array],
+    left_padding: Optional[np.ndarray],
 ) -> mx.array:
     """Boolean mask [B or 1, 1, query_len, keys]: causal, inside the window, not padding, not empty.
 
-    A padding query still sees itself, so its (discarded) row never becomes all -inf.
+    Built on the host from cache bookkeeping. A padding query still sees itself, so its (discarded)
+    row never becomes all -inf.
     """
-    q = mx.arange(query_start, query_start + query_len)[:, None]
+    q = np.arange(query_start, query_start + query_len)[:, None]
     k = key_positions[None, :]
     mask = (k <= q) & (k >= 0)
     if window is not None:
-        mask = mask & (k > q - window)
-    if left_padding is not None:
-        lp = left_padding[:, None, None, None]
-        mask = mask[None, None] & ((k >= lp) | (k == q))
-    else:
-        mask = mask[None, None]
-    return mask
+        mask &= k > q - window
+    if left_padding is None:
+        return mx.array(mask[None, None])
+    pad = left_padding[:, None, None, None]
+    return mx.array(mask[None, None] & ((k >= pad) | (k == q)))

@@ -10,6 +10,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..cache import FullCache, SlidingCache
 from ..config import FULL, SLIDING, LayerSpec, TextConfig
@@ -193,7 +194,7 @@ class Model(nn.Module):
 
         `left_padding[b]` is how many pad tokens start row b of a left-padded batch.
         """
-        pad = mx.array(left_padding, dtype=mx.int32) if left_padding is not None else None
+        pad = np.array(left_padding) if left_padding is not None else None
         caches = []
         for spec in self.config.layers[: self.config.first_kv_shared_layer]:
             if spec.layer_type == FULL:
