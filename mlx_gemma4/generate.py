@@ -1,7 +1,7 @@
 """Generation: chunked prefill, the decode loop, sampling, stop conditions, streaming with stats.
 
 `stream_generate` yields a `GenerationResponse` per token (text pieces held back while they could
-still become a stop string); `generate` returns the whole text. The command line lives in cli.py.
+still become a stop string); `generate` returns the whole text. The command line lives in cli.py (`python -m mlx_gemma4.generate`).
 """
 
 import time
@@ -200,3 +200,13 @@ def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
               f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s; "
               f"peak memory {last.peak_memory:.3f} GB")
     return text
+
+
+def main():
+    from .cli import generate_main
+
+    generate_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -66,3 +66,10 @@ def test_state_round_trip(e2b):
     for source, target in zip(cache, restored):
         target.state = source.state
     assert np.abs(step(model, follow, cache) - step(model, follow, restored)).max() == 0
+
+
+def test_kv_shared_layers_own_no_cache(e2b):
+    model = load_model(e2b)
+    cache = model.make_cache()
+    assert len(cache) == model.config.first_kv_shared_layer == 3
+    assert [type(c).__name__ for c in cache] == ["SlidingCache", "SlidingCache", "FullCache"]

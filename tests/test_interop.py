@@ -40,3 +40,21 @@ def test_mlx_lm_conversion_loads(tmp_path, variant, quantize):
     assert np.abs(np.array(ours(x)) - np.array(theirs(x))).max() <= 1e-5
     if not quantize:
         assert np.abs(np.array(ours(x)) - oracle_logits(source, ids)).max() <= 1e-4
+
+
+def test_mlx_vlm_conversion_loads():
+    """A 4-bit conversion written by mlx-vlm 0.7.10 (see fixtures/make_mlx_vlm_fixture.py) gives its logits."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "fixtures" / "mlx_vlm_26b_q4"
+    ids = np.load(folder / "ids.npy")
+    out = np.array(load_model(folder)(mx.array(ids, dtype=mx.int32)))
+    assert np.abs(out - np.load(folder / "mlx_vlm_logits.npy")).max() <= 1e-5
+
+
+def test_hub_id_without_network_is_one_clear_error(monkeypatch):
+    from mlx_gemma4 import LoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match="could not download 'google/gemma-4-nonexistent'"):
+        load_model("google/gemma-4-nonexistent")

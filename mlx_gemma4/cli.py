@@ -1,0 +1,104 @@
+"""Command lines: `mlx_gemma4.generate` (one prompt) and `mlx_gemma4.chat` (a REPL with history).
+
+Flags follow mlx_lm.generate. Without --model the bundled tiny model is used, so both work offline.
+Errors become one line on stderr and exit status 1.
+"""
+
+import argparse
+import sys
+
+from . import BUNDLED_MODEL, load
+from .generate import SamplingParams, stream_generate
+from .prompt_cache import PromptCache
+
+
+def add_model_and_sampling_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="model folder or hub id (default: bundled tiny model)")
+    parser.add_argument("--max-tokens", "-m", type=int, default=256)
+    parser.add_argument("--temp", type=float, help="sampling temperature (default: the checkpoint's, 0 = greedy)")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--system-prompt", help="system message for the chat template")
+    parser.add_argument("--thinking", action="store_true", help="let the model think before answering (off by default)")
+    parser.add_argument("--verbose", action="store_true", help="print speed and memory after the answer")
+
+
+def sampling_from(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def chat_prompt(tokenizer, messages: list, thinking: bool) -> list[int]:
+    if tokenizer.chat_template is None:
+        return tokenizer.encode(messages[-1]["content"])
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=thinking)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stream_reply(model, tokenizer, prompt, args, prompt_cache=None, out=sys.stdout) -> str:
+    """Print the reply as it streams; return its text."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampling=sampling_from(args),
+                                prompt_cache=prompt_cache):
+        out.write(last.text)
+        out.flush()
+        text += last.text
+    out.write("\n")
+    if args.verbose and last is not None:
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
+              f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
+              f"peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
+    return text
+
+
+def generate_main(argv=None):
+    parser = argparse.ArgumentParser(prog="mlx_gemma4.generate", description="Generate text with a Gemma 4 model.")
+    add_model_and_sampling_args(parser)
+    parser.add_argument("--prompt", "-p", default="Hello", help="the prompt; '-' reads it from stdin")
+    parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    args = parser.parse_args(argv)
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        model, tokenizer = load(args.model)
+        if args.no_chat_template:
+            ids = tokenizer.encode(prompt)
+        else:
+            messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+            ids = chat_prompt(tokenizer, messages + [{"role": "user", "content": prompt}], args.thinking)
+        stream_reply(model, tokenizer, ids, args)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"mlx_gemma4.generate: error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def chat_main(argv=None):
+    parser = argparse.ArgumentParser(prog="mlx_gemma4.chat", description="Chat with a Gemma 4 model.")
+    add_model_and_sampling_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer = load(args.model)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"mlx_gemma4.chat: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    history, prompt_cache = list(system), PromptCache(model)
+    print("Type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history, prompt_cache = list(system), PromptCache(model)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = stream_reply(model, tokenizer, chat_prompt(tokenizer, history, args.thinking), args, prompt_cache)
+        history.append({"role": "assistant", "content": reply})
