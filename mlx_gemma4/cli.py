@@ -5,9 +5,11 @@ Errors become one line on stderr and exit status 1.
 """
 
 import argparse
+import json
 import sys
 
 from . import BUNDLED_MODEL, load
+from .chat import OutputParser, render_chat
 from .generate import SamplingParams, stream_generate
 from .prompt_cache import PromptCache
 
@@ -31,27 +33,36 @@ def sampling_from(args) -> SamplingParams:
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def chat_prompt(tokenizer, messages: list, thinking: bool) -> list[int]:
-    if tokenizer.chat_template is None:
-        return tokenizer.encode(messages[-1]["content"])
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=thinking)
-    return tokenizer.encode(text, add_special_tokens=False)
+def chat_prompt(tokenizer, messages: list, thinking: bool) -> str:
+    return render_chat(tokenizer, messages, enable_thinking=thinking)
 
 
-def stream_reply(model, tokenizer, prompt, args, prompt_cache=None, out=sys.stdout) -> str:
-    """Print the reply as it streams; return its text."""
-    text, last = "", None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampling=sampling_from(args),
+def stream_reply(model, tokenizer, prompt: str, args, prompt_cache=None, raw: bool = False) -> str:
+    """Print the answer to stdout as it streams (reasoning to stderr, tool calls as JSON lines).
+
+    `prompt` is a rendered chat prompt (it carries its own <bos>), or raw text when `raw`.
+    Returns the answer's text, which is what the chat history keeps.
+    """
+    ids = tokenizer.encode(prompt, add_special_tokens=raw)
+    parser, answer, last = OutputParser.for_prompt(prompt), "", None
+    for last in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampling=sampling_from(args),
                                 prompt_cache=prompt_cache):
-        out.write(last.text)
-        out.flush()
-        text += last.text
-    out.write("\n")
+        events = parser.feed(last.text) + (parser.finish() if last.finish_reason else [])
+        for event in events:
+            if event.kind == "content":
+                sys.stdout.write(event.text)
+                answer += event.text
+            elif event.kind == "reasoning":
+                sys.stderr.write(event.text)
+            else:
+                print(json.dumps({event.kind: event.call or {"raw": event.text, "error": event.error}}))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     if args.verbose and last is not None:
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
               f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
               f"peak memory: {last.peak_memory:.3f} GB", file=sys.stderr)
-    return text
+    return answer
 
 
 def generate_main(argv=None):
@@ -63,12 +74,10 @@ def generate_main(argv=None):
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         model, tokenizer = load(args.model)
-        if args.no_chat_template:
-            ids = tokenizer.encode(prompt)
-        else:
+        if not args.no_chat_template:
             messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
-            ids = chat_prompt(tokenizer, messages + [{"role": "user", "content": prompt}], args.thinking)
-        stream_reply(model, tokenizer, ids, args)
+            prompt = chat_prompt(tokenizer, messages + [{"role": "user", "content": prompt}], args.thinking)
+        stream_reply(model, tokenizer, prompt, args, raw=args.no_chat_template)
     except (OSError, ValueError, RuntimeError) as error:
         print(f"mlx_gemma4.generate: error: {error}", file=sys.stderr)
         sys.exit(1)
