@@ -29,6 +29,7 @@ MULTIMODAL_PREFIXES = (
 )
 SHARED_KV_WEIGHTS = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
 PLE_TABLE = "model.embed_tokens_per_layer.weight"
+PLE_SCALES = "model.embed_tokens_per_layer.scales"
 # Smaller tables stay resident: gathering from a map makes each step wait for its token on the host.
 MAP_MIN_BYTES = 64 << 20
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.md"]
@@ -102,7 +103,7 @@ def canonical_name(name: str, config: TextConfig) -> Optional[str]:
             name = replacement + name[len(prefix) :]
             break
     bare = name.removeprefix("model.")
-    if bare.startswith(MULTIMODAL_PREFIXES) or bare.startswith("language_model."):
+    if bare.startswith(MULTIMODAL_PREFIXES):
         return None
     if name.startswith("lm_head.") and config.tie_word_embeddings:
         return None
@@ -188,7 +189,7 @@ def load_model(path_or_repo: str, lazy: bool = False, map_ple: bool = True) -> M
     if quantization:
         quantize_like_checkpoint(model, quantization, weights, config)
     table = weights.get(PLE_TABLE)
-    if map_ple and table is not None and table.nbytes >= MAP_MIN_BYTES and f"{PLE_TABLE[:-7]}.scales" not in weights:
+    if map_ple and table is not None and table.nbytes >= MAP_MIN_BYTES and PLE_SCALES not in weights:
         model.model.embed_tokens_per_layer = MappedEmbedding(*origin[PLE_TABLE])
         del weights[PLE_TABLE]
     check_shapes(model, weights, origin)

@@ -39,11 +39,6 @@ class MappedEmbedding(nn.Module):
         storage, self._mx_dtype = DTYPES[dtype]
         # A plain attribute (not an mx.array), so it is no parameter and never loaded whole.
         self._table = np.memmap(file, dtype=storage, mode="r", offset=offset, shape=tuple(shape))
-        self.shape = tuple(shape)
-
-    @property
-    def dtype(self):
-        return self._mx_dtype
 
     def __call__(self, ids: mx.array) -> mx.array:
         rows = mx.array(np.ascontiguousarray(self._table[np.array(ids, copy=False)]))
