@@ -102,6 +102,8 @@ class TextConfig:
         # transformers forces the last layer to be global; so do we, to build the same model.
         self.layer_types[-1] = FULL
         self.rope_parameters = _resolve_rope(self.rope_parameters)
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_approx"):
+            raise ConfigError(f"hidden_activation {self.hidden_activation!r} is not supported; Gemma 4 uses gelu_pytorch_tanh")
         if self.use_bidirectional_attention == "all":
             raise ConfigError("use_bidirectional_attention='all' (encoder-style Gemma 4) is not supported")
         if self.enable_moe_block and not (self.num_experts and self.top_k_experts and self.moe_intermediate_size):

@@ -67,6 +67,7 @@ def test_per_layer_config_with_string_keys():
     ({"model_type": "gemma4_text", "num_hidden_layers": 2, "layer_types": [SLIDING]}, "layer_types has 1"),
     ({"model_type": "gemma4_text", "rope_parameters": {SLIDING: {"rope_type": "yarn", "rope_theta": 1.0}}}, "yarn"),
     ({"model_type": "gemma4_text", "enable_moe_block": True}, "num_experts"),
+    ({"model_type": "gemma4_text", "hidden_activation": "silu"}, "silu"),
     ({"model_type": "gemma4_text", "per_layer_config": {"5": {"sliding_window": 3}}}, "sliding_window"),
 ])
 def test_bad_configs_raise_one_clear_error(bad, message):
