@@ -1,0 +1,134 @@
+"""Quantization quality per recipe on a trained model: KL divergence and top-1 agreement vs the source.
+
+Each format is produced by `mlx_gemma4.convert` from the same source and scored by
+`mlx_gemma4.convert.report` (mean KL(source || converted) per position over the report's sample texts,
+top-1 agreement, perplexity). mlx-lm's own 4-bit conversion of the same folder, run by mlx-lm's own
+model, sits beside ours.
+
+    python -m benchmarks.quant_quality                   # the bundled tiny model
+    python -m benchmarks.quant_quality --model PATH --out benchmarks/results/NAME.md
+
+mlx-lm 0.32 reads only the older `global_head_dim` spelling, so it converts a copy of the folder
+whose config.json is rewritten that way (weights are linked, not copied).
+"""
+
+import argparse
+import hashlib
+import json
+import subprocess
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+
+from mlx_gemma4 import BUNDLED_MODEL, load_model
+from mlx_gemma4.config import TextConfig
+from mlx_gemma4.convert import convert
+from mlx_gemma4.convert.report import compare, sample_prompts
+
+FORMATS = {
+    "bf16": dict(dtype="bfloat16"),
+    "8-bit": dict(quantize=True, q_bits=8),
+    "6-bit": dict(quantize=True, q_bits=6),
+    "4-bit": dict(quantize=True, q_bits=4),
+    "3-bit": dict(quantize=True, q_bits=3),
+    "mixed_4_6": dict(quant_recipe="mixed_4_6"),
+    "mixed_3_6": dict(quant_recipe="mixed_3_6"),
+    "mxfp4": dict(quantize=True, q_mode="mxfp4"),
+    "nvfp4": dict(quantize=True, q_mode="nvfp4"),
+    "mxfp8": dict(quantize=True, q_mode="mxfp8"),
+}
+
+
+def older_spelling_copy(folder: Path, into: Path) -> Path:
+    into.mkdir()
+    for item in folder.iterdir():
+        if item.name != "config.json":
+            (into / item.name).symlink_to(item.resolve())
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    specs = TextConfig.from_dict(config).layers
+    full = next(spec for spec in specs if not spec.is_sliding)
+    text.pop("per_layer_config", None)
+    text["global_head_dim"] = full.head_dim
+    if full.k_eq_v:
+        text["num_global_key_value_heads"] = full.num_kv_heads
+    (into / "config.json").write_text(json.dumps(config))
+    return into
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def parameter_count(folder: Path) -> int:
+    return sum(v.size for f in folder.glob("*.safetensors") for v in mx.load(str(f)).values())
+
+
+def row(name: str, folder: Path, quality, params: int) -> str:
+    size = weight_bytes(folder)
+    return (
+        f"| {name} | {8 * size / params:.2f} | {size / 1e6:.2f} | {quality.kl:.4f} | {quality.top1:.1%} "
+        f"| {quality.ppl_converted:.2f} |"
+    )
+
+
+def provenance(model: Path) -> str:
+    weights = sorted(model.glob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in weights)).hexdigest()[:16]
+    commit = subprocess.run(
+        ["git", "log", "-1", "--format=%h %cs", "--", str(model)], capture_output=True, text=True, cwd=model
+    ).stdout.strip()
+    return f"weights sha256 {digest}…, last commit touching the folder: {commit or 'none (uncommitted)'}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="an unquantized trained checkpoint folder")
+    parser.add_argument("--out", default="benchmarks/results/quant_quality_bundled.md")
+    args = parser.parse_args()
+    model = Path(args.model)
+    reference = load_model(model)
+    prompts, from_text = sample_prompts(model, reference.config.vocab_size)
+    assert from_text, f"{model} has no tokenizer; quality needs text"
+    params = parameter_count(model)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, kwargs in FORMATS.items():
+            out = convert(model, tmp / name, **kwargs)
+            rows.append(row(name, out, compare(reference, load_model(out), prompts, True), params))
+            print(rows[-1], flush=True)
+        theirs = tmp / "mlx-lm-4bit"
+        mlx_lm.convert(str(older_spelling_copy(model, tmp / "older")), mlx_path=str(theirs), quantize=True, q_bits=4)
+        quality = compare(reference, mlx_lm.load(str(theirs))[0], prompts, True)
+        rows.append(row("mlx-lm 4-bit (`mlx_lm.convert -q --q-bits 4`, run by mlx-lm)", theirs, quality, params))
+        print(rows[-1])
+    source_ppl = compare(reference, reference, prompts, True).ppl_source
+    positions = sum(len(p) for p in prompts)
+    table = "\n".join(rows)
+    Path(args.out).write_text(f"""# Quantization quality on {model.name}
+
+Mean KL(source || converted) of next-token distributions per position (nats), top-1 agreement and
+perplexity, over the {len(prompts)} sample texts of `mlx_gemma4/convert/report.py` ({positions} positions).
+The source runs as stored (bf16), so the bf16 row is 0 by construction. Bits per weight count every
+stored byte (scales and biases included, unquantized norms and small matrices too) over the source's
+{params:,} parameters. Group size 64 for affine formats; recipes in `convert/recipes.py`.
+
+Model: `{model}`; {provenance(model)}.
+mlx {version("mlx")}, mlx-lm {version("mlx-lm")}, CPU.
+Source perplexity: {source_ppl:.2f}.
+
+    python -m benchmarks.quant_quality --model {args.model} --out {args.out}
+
+| format | bits/weight | weights MB | KL (nats) | top-1 | perplexity |
+|---|---|---|---|---|---|
+{table}
+""")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
