@@ -12,6 +12,7 @@ whose config.json is rewritten that way (weights are linked, not copied).
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -82,6 +83,8 @@ def main():
         "rounds": args.rounds,
         "device": str(mx.default_device()),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine slows both stacks alike
         "versions": {"mlx": mx.__version__, "mlx-lm": mlx_lm.__version__},
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
     }
