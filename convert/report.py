@@ -2,12 +2,14 @@
 
 Both models read the same prompts; at every position we compare the next-token distributions:
 mean KL(source || converted) in nats, the share of positions whose most likely token agrees, and
-(for prompts made from text) each model's perplexity on the text. The source runs as stored (bf16 for
-released checkpoints), the reference the correctness doctrine names. The prompts are the fixed texts
-below through the source's tokenizer, or, without a tokenizer, seeded random token ids (enough to see
-that a tiny random model survived conversion, meaningless for quality).
+(for prompts made from text) each model's perplexity on the text. By default both compute in float32
+(stored values cast exactly; quantized weights stay packed), so the numbers measure what the stored
+weights lost rather than bf16 rounding in the arithmetic; `--compute-dtype bfloat16` halves the memory
+for large models. The prompts are the fixed texts below through the source's tokenizer, or, without a
+tokenizer, seeded random token ids (enough to see that a tiny random model survived conversion,
+meaningless for quality).
 
-    python -m mlx_gemma4.convert.report SOURCE CONVERTED
+    python -m mlx_gemma4.convert.report SOURCE CONVERTED [--compute-dtype bfloat16]
 """
 
 import argparse
@@ -19,8 +21,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..loading import LoadError, load_model, read_config, resolve_path
 from ..config import TextConfig
+from ..loading import LoadError, load_model, read_config, resolve_path
 
 # Written for this report, in several registers; not in any training set.
 SAMPLE_TEXTS = (
@@ -36,6 +38,17 @@ SAMPLE_TEXTS = (
     "She opened the window and looked at the street below. The rain had stopped an hour ago, but the "
     "road was still wet and the lamps made long yellow lines on it. Somewhere a dog was barking, and a "
     "car went past slowly, as if the driver was looking for a house number.",
+    "Return the number of seconds since the start of the process as a floating point number. The value "
+    "is not affected by changes to the system clock, so it is suitable for measuring how long an "
+    "operation takes. Only the difference between two calls is meaningful.",
+    "A queue holds items in the order they were added. The put method adds an item at the end, and the "
+    "get method removes the item at the front and returns it. If the queue is empty, get waits until an "
+    "item is available, unless the block argument is false, in which case it raises an exception.",
+    "Q: Why does my program print nothing? A: The output is buffered. Call flush on the stream after "
+    "writing, or open the file with line buffering, and the text will appear as soon as each line ends.",
+    "Parse the string as a date in the form year, month, day, separated by dashes. Leading and trailing "
+    "spaces are ignored. A value outside the valid range for its field, such as a thirteenth month, "
+    "raises a ValueError that names the field.",
 )
 RANDOM_PROMPTS, RANDOM_LENGTH = 4, 64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -84,11 +97,14 @@ def _log_probs(logits: mx.array) -> np.ndarray:
     return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), dtype=np.float64)
 
 
-def quality(source: Path, converted: Path) -> Quality:
+def quality(source: Path, converted: Path, compute_dtype: str = "float32") -> Quality:
     source = resolve_path(str(source))
     vocab_size = TextConfig.from_dict(read_config(source)).vocab_size
     prompts, from_text = sample_prompts(source, vocab_size)
-    return compare(load_model(source), load_model(converted), prompts, from_text)
+    models = [load_model(path) for path in (source, converted)]
+    for model in models:
+        model.set_dtype(getattr(mx, compute_dtype))  # floating parameters only; packed weights untouched
+    return compare(*models, prompts, from_text)
 
 
 def format_quality(q: Quality) -> str:
@@ -102,9 +118,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mlx_gemma4.convert.report", description=__doc__.split("\n")[0])
     parser.add_argument("source", help="the checkpoint that was converted (folder or hub id)")
     parser.add_argument("converted", help="the converted folder")
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
     try:
-        print(format_quality(quality(args.source, args.converted)))
+        print(format_quality(quality(args.source, args.converted, args.compute_dtype)))
     except LoadError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
