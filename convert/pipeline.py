@@ -42,6 +42,8 @@ def convert(
     spec, high = (None, None)
     if quantize or quant_recipe:
         spec, high = recipe_specs(q_bits, q_group_size, q_mode, quant_recipe)
+    elif q_bits or q_group_size or q_mode != "affine":
+        raise ConvertError("--q-bits, --q-group-size and --q-mode take effect only with -q (quantize=True)")
     source = read_source(hf_path)
     if out.exists() and out.resolve() == source.path.resolve():
         raise ConvertError(f"{out} is the source folder; write the conversion somewhere else")

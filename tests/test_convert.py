@@ -356,6 +356,7 @@ def test_bad_sources_and_requests(sources, tmp_path, monkeypatch):
         (dict(hf_path=folder, quantize=True, q_bits=7), "affine quantization takes bits"),
         (dict(hf_path=folder, quantize=True, q_mode="mxfp4", q_bits=8), "mxfp4 always packs 4 bits"),
         (dict(hf_path=folder, quant_recipe="mixed_4_6", q_mode="nvfp4"), "recipe mixed_4_6 is affine"),
+        (dict(hf_path=folder, q_bits=4), "only with -q"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConvertError, match=message):
@@ -365,6 +366,18 @@ def test_bad_sources_and_requests(sources, tmp_path, monkeypatch):
     with pytest.raises(ConvertError, match="not enough disk space"):
         convert(folder, tmp_path / "out")
     assert leftovers(tmp_path, "out") == []
+
+
+def test_failed_upload_keeps_the_conversion(sources, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    with pytest.raises(ConvertError, match="was written, but uploading it to me/tiny failed: no network"):
+        convert(sources["31b"][0], tmp_path / "out", upload_repo="me/tiny")
+    assert (tmp_path / "out" / "config.json").exists()
 
 
 def test_command_line(sources, tmp_path):
