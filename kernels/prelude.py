@@ -1,0 +1,75 @@
+"""The two preludes that let one kernel body compile under Metal and under CUDA.
+
+A body is written once in Metal spelling, restricted to a portable subset, and handed to MLX with
+`METAL_PRELUDE` or `CUDA_PRELUDE` as its `header`. The subset (what both preludes provide):
+
+- index names: `thread_index_in_threadgroup`, `thread_index_in_simdgroup`,
+  `simdgroup_index_in_threadgroup`, `threadgroup_position_in_grid`, `threadgroups_per_grid`. MLX's
+  Metal wrapper declares each one the body names; the CUDA prelude defines them over threadIdx/blockIdx.
+- `threadgroup T name[N];` at the body's top level, `threadgroup_barrier(mem_flags::mem_threadgroup)`.
+- `simd_sum`, `simd_max` over all 32 lanes: only in simdgroup-uniform control flow, with threadgroups
+  a multiple of 32 threads (CUDA's full-mask shuffles need every lane).
+- `metal::exp`, `metal::max`, `metal::min` on floats and ints.
+- `f32x4` and `load4(p)`: four consecutive elements as floats, p 8-byte aligned (vector loads on CUDA).
+- inputs indexed through `<name>_shape[i]` / `<name>_strides[i]` (Metal: pointers, CUDA: arrays);
+  no 0-d inputs (Metal passes them by reference, CUDA by pointer): pass shape-(1,) arrays, read x[0].
+- arithmetic in float: load with `static_cast<float>` or `load4`, store with `static_cast<T>`
+  (CUDA's bf16/half operators are ambiguous in mixed expressions). No lambdas, no double, no std::.
+- grid a multiple of the threadgroup: Metal launches exactly the grid, CUDA whole blocks.
+"""
+
+METAL_PRELUDE = r"""
+struct f32x4 { float x, y, z, w; };
+template <typename P> inline f32x4 load4(P p) {
+  return f32x4{float(p[0]), float(p[1]), float(p[2]), float(p[3])};
+}
+"""
+
+CUDA_PRELUDE = r"""
+typedef unsigned int uint;
+#define threadgroup __shared__
+#define threadgroup_barrier(flags) __syncthreads()
+#define thread_index_in_threadgroup (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z))
+#define thread_index_in_simdgroup (thread_index_in_threadgroup % 32u)
+#define simdgroup_index_in_threadgroup (thread_index_in_threadgroup / 32u)
+#define threadgroup_position_in_grid blockIdx
+#define threadgroups_per_grid gridDim
+
+// Ascending xor butterfly: the same summation order as the CPU emulator (and, reportedly, Apple GPUs).
+template <typename T> __device__ __forceinline__ T simd_sum(T x) {
+  for (int o = 1; o < 32; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+template <typename T> __device__ __forceinline__ T simd_max(T x) {
+  for (int o = 1; o < 32; o <<= 1) {
+    T y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = y > x ? y : x;
+  }
+  return x;
+}
+
+namespace metal {
+__device__ __forceinline__ float exp(float x) { return ::expf(x); }
+__device__ __forceinline__ float max(float a, float b) { return ::fmaxf(a, b); }
+__device__ __forceinline__ float min(float a, float b) { return ::fminf(a, b); }
+__device__ __forceinline__ int max(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ int min(int a, int b) { return a < b ? a : b; }
+}  // namespace metal
+
+struct f32x4 { float x, y, z, w; };
+__device__ __forceinline__ f32x4 load4(const float* p) {
+  float2 a = *reinterpret_cast<const float2*>(p), b = *reinterpret_cast<const float2*>(p + 2);  // 8-byte aligned
+  return f32x4{a.x, a.y, b.x, b.y};
+}
+__device__ __forceinline__ f32x4 load4(const __nv_bfloat16* p) {
+  uint2 u = *reinterpret_cast<const uint2*>(p);  // a bfloat16 is the top half of a float
+  return f32x4{__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+               __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u)};
+}
+__device__ __forceinline__ f32x4 load4(const __half* p) {
+  uint2 u = *reinterpret_cast<const uint2*>(p);
+  float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+  float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+  return f32x4{a.x, a.y, b.x, b.y};
+}
+"""
