@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .config import ConfigError, TextConfig
 from .loading import LoadError, load_model, resolve_path
+from .generate import GenerationResponse, SamplingParams, generate, stream_generate
 from .model import Model
 
 
@@ -32,4 +33,15 @@ def _read_json(file: Path) -> dict:
     return json.loads(file.read_text()) if file.exists() else {}
 
 
-__all__ = ["ConfigError", "LoadError", "Model", "TextConfig", "load", "load_model"]
+__all__ = [
+    "ConfigError",
+    "GenerationResponse",
+    "LoadError",
+    "Model",
+    "SamplingParams",
+    "TextConfig",
+    "generate",
+    "load",
+    "load_model",
+    "stream_generate",
+]

@@ -136,3 +136,18 @@ def test_prompt_cache_file_round_trip(loaded, tmp_path):
     turn2 = cache.tokens + [7, 8, 9]
     assert np.abs(first_logprobs(model, tok, turn2, restored) - first_logprobs(model, tok, turn2)).max() <= 1e-4
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_checkpoint_generation_config_supplies_defaults():
+    defaults = {"do_sample": True, "temperature": 1.0, "top_k": 64, "top_p": 0.95}
+    resolved = SamplingParams(top_k=5).resolved(defaults)
+    assert (resolved.temperature, resolved.top_k, resolved.top_p) == (1.0, 5, 0.95)
+    assert SamplingParams().resolved({"do_sample": False}).temperature == 0.0
+
+
+def test_bundled_model_answers_in_english_through_the_public_api():
+    model, tokenizer = mlx_gemma4.load()
+    assert model.generation_defaults["top_k"] == 64
+    text = mlx_gemma4.generate(model, tokenizer, "The function returns", max_tokens=24, sampling=GREEDY)
+    words = text.split()
+    assert len(words) >= 5 and sum(w.strip(".,()`'").isalpha() for w in words) >= 0.6 * len(words), text
