@@ -111,8 +111,10 @@ def benchmark(pair: Pair, args, entry: dict, bandwidth_gbps: float, save) -> Non
     for kind, length in cases:
         tokens = prompt(length)
         runs = {runtime: [] for runtime in RUNTIMES}
-        for _ in range(args.repeats):
-            for runtime, model in models.items():
+        for repeat in range(args.repeats):
+            # Alternate which runtime goes first, so first-use costs (kernel JIT at new shapes) fall on both.
+            order = list(models.items())[:: -1 if repeat % 2 else 1]
+            for runtime, model in order:
                 runs[runtime].append(timed_run(runtime, model, tokens, args.gen_tokens, args.prefill_step))
         case = {"prompt_tokens": tokens.size, "gen_tokens": args.gen_tokens}
         for runtime, samples in runs.items():
