@@ -23,6 +23,7 @@ never copied; rows of q, k and v must start four elements aligned, as cache rows
 """
 
 import math
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -75,23 +76,29 @@ PARTIAL = r"""
     const size_t v_row = b * v_strides[0] + kvh * v_strides[1] + 4 * lane;
     const size_t mask_row = mask_shape[0] > 1 ? b * mask_strides[0] : 0;
     for (int first = begin + split * BK; first < end; first += NK * BK) {
+        // BK keys' scores. Every load is issued before the first reduction, so that they overlap:
+        // keys past `end` re-read the last key (in bounds) and, like masked keys, count as invalid.
         float s[BK][HPS];  // scores, then softmax weights
         bool valid[BK];
+#pragma unroll
         for (int t = 0; t < BK; t++) {
-            const int key = first + t;
-            valid[t] = key < end && (!MASKED || mask[mask_row + key * mask_strides[1]]);
-            if (valid[t]) {  // the same key for every lane: uniform control flow
-                float dot[HPS] = {};
-                for (int j = 0; j < DV; j++) {
-                    f32x4 x = load4(k + k_row + key * k_strides[2] + 128 * j);
-                    for (int h = 0; h < HPS; h++) {
-                        dot[h] += qs[h][4 * j] * x.x + qs[h][4 * j + 1] * x.y + qs[h][4 * j + 2] * x.z +
-                                  qs[h][4 * j + 3] * x.w;
-                    }
-                }
+            const int key = metal::min(first + t, end - 1);
+            valid[t] = first + t < end && (!MASKED || mask[mask_row + key * mask_strides[1]]);
+            for (int h = 0; h < HPS; h++) {
+                s[t][h] = 0.0f;
+            }
+            for (int j = 0; j < DV; j++) {
+                f32x4 x = load4(k + k_row + key * k_strides[2] + 128 * j);
                 for (int h = 0; h < HPS; h++) {
-                    s[t][h] = simd_sum(dot[h]);
+                    s[t][h] += qs[h][4 * j] * x.x + qs[h][4 * j + 1] * x.y + qs[h][4 * j + 2] * x.z +
+                               qs[h][4 * j + 3] * x.w;
                 }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < BK; t++) {
+            for (int h = 0; h < HPS; h++) {
+                s[t][h] = simd_sum(s[t][h]);
             }
         }
         for (int h = 0; h < HPS; h++) {
@@ -112,16 +119,19 @@ PARTIAL = r"""
                 l[h] += s[t][h];
             }
         }
+#pragma unroll
         for (int t = 0; t < BK; t++) {
-            if (valid[t]) {
-                for (int j = 0; j < DV; j++) {
-                    f32x4 x = load4(v + v_row + (first + t) * v_strides[2] + 128 * j);
-                    for (int h = 0; h < HPS; h++) {
-                        o[h][4 * j] += s[t][h] * x.x;
-                        o[h][4 * j + 1] += s[t][h] * x.y;
-                        o[h][4 * j + 2] += s[t][h] * x.z;
-                        o[h][4 * j + 3] += s[t][h] * x.w;
-                    }
+            const int key = metal::min(first + t, end - 1);
+            for (int j = 0; j < DV; j++) {
+                f32x4 x = load4(v + v_row + key * v_strides[2] + 128 * j);
+                if (!valid[t]) {
+                    x = f32x4{0.0f, 0.0f, 0.0f, 0.0f};  // a masked slot may hold anything, NaN included
+                }
+                for (int h = 0; h < HPS; h++) {
+                    o[h][4 * j] += s[t][h] * x.x;
+                    o[h][4 * j + 1] += s[t][h] * x.y;
+                    o[h][4 * j + 2] += s[t][h] * x.z;
+                    o[h][4 * j + 3] += s[t][h] * x.w;
                 }
             }
         }
@@ -272,8 +282,8 @@ def attend(launch: Launcher, queries, keys, values, scale: float = 1.0, mask: Op
             queries,
             keys,
             values,
-            mx.zeros((1, 1), mx.bool_) if mask is None else mask.reshape(-1, length),
-            mx.array([scale], mx.float32),
+            _constant(False) if mask is None else mask.reshape(-1, length),
+            _constant(float(scale)),
         ],
         template=[
             ("T", dtype),
@@ -299,6 +309,12 @@ def attend(launch: Launcher, queries, keys, values, scale: float = 1.0, mask: Op
         output_dtypes=[dtype],
     )
     return out
+
+
+@lru_cache(maxsize=None)
+def _constant(value) -> mx.array:
+    """A one-element input made once, not on every call (a per-call array costs a copy to the device)."""
+    return mx.array([[value]], mx.bool_) if isinstance(value, bool) else mx.array([value], mx.float32)
 
 
 def _heads_per_simdgroup(group: int, dim: int) -> int:

@@ -56,3 +56,13 @@ def test_gemma_scale_of_one():
     """Gemma 4 attends with scale 1.0 (q and k are RMS-normalised): large scores must not overflow."""
     case = sliding(8, 1, 256, mx.bfloat16, window=64, steps=3)
     assert_matches(Case(case.queries, case.keys, case.values, case.mask, 1.0))
+
+
+def test_masked_slots_may_hold_anything():
+    """Padding and empty ring slots are never read into the result, even when they hold NaN."""
+    case = CASES["full-512-8:1-fp16-padded"]()
+    valid = case.mask.reshape(2, 1, -1, 1)
+    poisoned = [mx.where(valid, x, mx.array(float("nan"), x.dtype)) for x in (case.keys, case.values)]
+    got = attend(metal_emu.run, case.queries, *poisoned, case.scale, case.mask)
+    want = reference(case.queries, case.keys, case.values, case.scale, case.mask)
+    assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= TOLERANCE[mx.float16]

@@ -62,8 +62,12 @@ def test_every_model_configuration(dtype, dim, heads, kv_heads):
     check(full(heads, kv_heads, dim, dtype, length=300, padding=[0, 11]))
 
 
-def test_model_hook_matches_mlx_attention():
+def test_model_hook_routes_decode_steps_to_the_kernel():
     case = sliding(8, 1, 256, mx.bfloat16, window=512, steps=40)
-    got = scaled_dot_product_attention(case.queries, case.keys, case.values, 1.0, case.mask)
-    want = mx.fast.scaled_dot_product_attention(case.queries, case.keys, case.values, scale=1.0, mask=case.mask)
-    assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= TOLERANCE[mx.bfloat16]
+    hooked = scaled_dot_product_attention(case.queries, case.keys, case.values, case.scale, case.mask)
+    kernel = decode_attention(case.queries, case.keys, case.values, case.scale, case.mask)
+    assert mx.array_equal(hooked, kernel).item()
+    prefill = mx.concatenate([case.queries] * 3, axis=2)  # several queries: MLX's own attention
+    hooked = scaled_dot_product_attention(prefill, case.keys, case.values, case.scale, "causal")
+    mlx = mx.fast.scaled_dot_product_attention(prefill, case.keys, case.values, scale=case.scale, mask="causal")
+    assert mx.array_equal(hooked, mlx).item()

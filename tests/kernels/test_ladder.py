@@ -74,8 +74,8 @@ def test_lint_catches_double(case):
 
 
 EMULATOR_ERRORS = {
-    "simd_sum in divergent lanes": (partial_kernel, "s[t][h] = simd_sum(dot[h]);",
-                                    "if (lane < 16) { s[t][h] = simd_sum(dot[h]); }"),
+    "simd_sum in divergent lanes": (partial_kernel, "s[t][h] = simd_sum(s[t][h]);",
+                                    "if (lane < 16) { s[t][h] = simd_sum(s[t][h]); }"),
     "return before a barrier": (combine_kernel, "float m = -1e30f;", "if (sg == 1) { return; } float m = -1e30f;"),
     "read past the end": (combine_kernel, "o_part[(first + p) * D + d]", "o_part[(first + p) * D + d + 2 * D]"),
 }
