@@ -81,7 +81,8 @@ def usable(key: tuple, probe: Callable[[], Optional[str]]) -> bool:
     """Whether the kernel configuration `key` works on this device.
 
     `probe()` runs once per configuration and process: it builds and runs the kernel on a small input
-    and returns None when the result matches the reference, else what went wrong.
+    and returns None when the result matches the reference, else what went wrong. It evaluates arrays,
+    so the first call of a configuration must not happen inside `mx.compile`.
     """
     if key not in _verdicts:
         try:
