@@ -52,6 +52,7 @@ def markdown(results: dict) -> str:
         f"Median of {s['repeats']} runs (± is half the min-max range); prefill in chunks of {s['prefill_step']} "
         f"for both; greedy, no tokenizer.  ",
         f"`{results['command']}`",
+        *(f"\n{note}" for note in results.get("notes", [])),
         "",
         "## llama-bench rows (tok/s)",
         "",
@@ -119,6 +120,7 @@ def plot(results: dict, path: Path) -> None:
         for runtime, style in (("ours", "o-"), ("mlx-lm", "s-")):
             ax.plot(depths, [r[runtime] for r in rows], style, label=runtime)
         ax.plot(depths, [r["roofline_tps"] for r in rows], "k:", label="roofline")
+        ax.set_xticks(depths)
         ax.set_title(model["model"])
         ax.set_xlabel("context depth (tokens)")
         ax.set_ylabel(f"decode tok/s (tg{results['settings']['gen_tokens']})")
