@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import FullCache, SlidingCache
+from ..kernels import scaled_dot_product_attention
 from ..config import FULL, SLIDING, LayerSpec, TextConfig
 from .layers import MLP, RMSNorm, RoPE, attention_mask, rms_norm_no_scale, soft_cap
 from .moe import Experts, Router
@@ -49,7 +50,7 @@ class Attention(nn.Module):
             keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset)
             values = rms_norm_no_scale(values, self.eps).transpose(0, 2, 1, 3)
             keys, values = cache.update_and_fetch(keys, values)
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        out = scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         return self.o_proj(out), (keys, values)
 
