@@ -3,11 +3,11 @@
 Both stacks run their own stream_generate (prefill, sampling, detokenizing) greedily for a fixed
 number of tokens (EOS disabled), alternating, several rounds; we report the median of each.
 
-    python benchmarks/generation.py                        # the bundled tiny model on this machine
-    python benchmarks/generation.py --model PATH --out benchmarks/results/NAME.json
+    python -m benchmarks.generation                        # the bundled tiny model on this machine
+    python -m benchmarks.generation --model PATH --out benchmarks/results/NAME.json
 
 mlx-lm 0.32 reads only the older `global_head_dim` spelling, so it is given a copy of the folder
-whose config.json is rewritten that way (weights are linked, not copied).
+whose config.json is rewritten that way (benchmarks/compat.py).
 """
 
 import argparse
@@ -24,22 +24,8 @@ import mlx_lm
 import numpy as np
 
 import mlx_gemma4
+from benchmarks.compat import older_spelling_copy
 from mlx_gemma4.generate import SamplingParams, stream_generate
-
-
-def older_spelling_copy(folder: Path, into: Path) -> Path:
-    for item in folder.iterdir():
-        (into / item.name).symlink_to(item.resolve())
-    config = json.loads((folder / "config.json").read_text())
-    text = config.get("text_config", config)
-    if "per_layer_config" in text:
-        overrides = next(iter(text.pop("per_layer_config").values()))
-        text["global_head_dim"] = overrides["head_dim"]
-        if "num_key_value_heads" in overrides:
-            text["num_global_key_value_heads"] = overrides["num_key_value_heads"]
-    (into / "config.json").unlink()
-    (into / "config.json").write_text(json.dumps(config))
-    return into
 
 
 def ours(model, tokenizer, prompt, n):

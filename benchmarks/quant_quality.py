@@ -23,8 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm
 
+from benchmarks.compat import older_spelling_copy
 from mlx_gemma4 import BUNDLED_MODEL, load_model
-from mlx_gemma4.config import TextConfig
 from mlx_gemma4.convert import convert
 from mlx_gemma4.convert.report import compare, sample_prompts
 
@@ -42,23 +42,6 @@ FORMATS = {
     "nvfp4": dict(quantize=True, q_mode="nvfp4"),
     "mxfp8": dict(quantize=True, q_mode="mxfp8"),
 }
-
-
-def older_spelling_copy(folder: Path, into: Path) -> Path:
-    into.mkdir()
-    for item in folder.iterdir():
-        if item.name != "config.json":
-            (into / item.name).symlink_to(item.resolve())
-    config = json.loads((folder / "config.json").read_text())
-    text = config.get("text_config", config)
-    specs = TextConfig.from_dict(config).layers
-    full = next(spec for spec in specs if not spec.is_sliding)
-    text.pop("per_layer_config", None)
-    text["global_head_dim"] = full.head_dim
-    if full.k_eq_v:
-        text["num_global_key_value_heads"] = full.num_kv_heads
-    (into / "config.json").write_text(json.dumps(config))
-    return into
 
 
 def float32(model):

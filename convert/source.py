@@ -10,10 +10,17 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
-
 from ..config import ConfigError, TextConfig
-from ..loading import MULTIMODAL_PREFIXES, LoadError, check_shapes, read_config, resolve_path, sanitize, weight_files
+from ..loading import (
+    MULTIMODAL_PREFIXES,
+    LoadError,
+    check_shapes,
+    read_config,
+    read_weights,
+    resolve_path,
+    sanitize,
+    weight_files,
+)
 from ..model import Model
 from .errors import ConvertError
 
@@ -89,14 +96,10 @@ def check_safetensors(file: Path):
 
 def split_tensors(files: list[Path], config: TextConfig) -> tuple[dict, dict]:
     """(text decoder tensors in our names, tower tensors); shapes checked against config.json."""
-    weights, origin = {}, {}
-    for file in files:
-        try:
-            tensors = mx.load(str(file))
-        except Exception as error:
-            raise ConvertError(f"cannot read {file}: {error}") from error
-        weights.update(tensors)
-        origin.update({name: (file, name) for name in tensors})
+    try:
+        weights, origin = read_weights(files)
+    except LoadError as error:
+        raise ConvertError(str(error)) from error
     towers = {}
     for name, value in weights.items():
         bare = name.removeprefix("model.")

@@ -1,12 +1,12 @@
 """Checkpoints written by mlx-lm's converter (plain and quantized) load and give mlx-lm's own logits."""
 
 import json
-import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from benchmarks.compat import older_spelling_copy
 from mlx_gemma4 import load_model
 from tiny import VARIANTS, oracle_logits, save_causal_lm, save_tokenizer
 
@@ -14,23 +14,13 @@ pytest.importorskip("torch")
 mlx_lm = pytest.importorskip("mlx_lm")
 
 
-def older_spelling(folder):
-    """mlx-lm 0.32 reads only global_head_dim / num_global_key_value_heads, not per_layer_config."""
-    config = json.loads((folder / "config.json").read_text())
-    overrides = next(iter(config.pop("per_layer_config").values()))
-    config["global_head_dim"] = overrides["head_dim"]
-    if "num_key_value_heads" in overrides:
-        config["num_global_key_value_heads"] = overrides["num_key_value_heads"]
-    (folder / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("variant", ["e2b", "26b"])
 @pytest.mark.parametrize("quantize", [False, True])
 def test_mlx_lm_conversion_loads(tmp_path, variant, quantize):
     source = save_tokenizer(save_causal_lm(variant, tmp_path / "hf"))
-    older_spelling(source)
+    older = older_spelling_copy(source, tmp_path / "older")
     converted = tmp_path / "mlx"
-    mlx_lm.convert(str(source), mlx_path=str(converted), quantize=quantize, q_bits=4, q_group_size=32, dtype="float32")
+    mlx_lm.convert(str(older), mlx_path=str(converted), quantize=quantize, q_bits=4, q_group_size=32, dtype="float32")
     if quantize:
         assert json.loads((converted / "config.json").read_text())["quantization"]["bits"] == 4
     ids = np.random.default_rng(4).integers(0, VARIANTS[variant]["vocab_size"], (1, 30))
