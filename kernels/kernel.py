@@ -10,6 +10,7 @@ from a kernel this project could not run on their device.
 import os
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -24,12 +25,18 @@ class KernelFallbackWarning(UserWarning):
     """A kernel failed to build or to match its reference here; the reference is used instead."""
 
 
+@lru_cache(maxsize=None)
+def _device_backend() -> str:
+    """The GPU kind of this process; asked once, since attention calls this on every layer and step."""
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda" if mx.cuda.is_available() else "reference"
+
+
 def backend() -> str:
     choice = os.environ.get(ENV, "auto")
     if choice == "auto":
-        if mx.metal.is_available():
-            return "metal"
-        return "cuda" if mx.cuda.is_available() else "reference"
+        return _device_backend()
     if choice not in BACKENDS:
         raise ValueError(f"{ENV}={choice!r}: choose one of {', '.join(BACKENDS)} or auto")
     return choice

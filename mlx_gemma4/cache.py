@@ -94,7 +94,8 @@ class SlidingCache:
         if self.filled == 0:
             return None
         order = (np.arange(self.filled) + (self.write - self.filled)) % self.capacity
-        return self.keys[..., mx.array(order), :], self.values[..., mx.array(order), :], self.positions[order]
+        slots = mx.array(order)
+        return self.keys[..., slots, :], self.values[..., slots, :], self.positions[order]
 
     def _store(self, keys, values, positions):
         """Keep the newest `capacity` of these (temporally ordered) tokens, at slots 0, 1, ..."""
