@@ -1,0 +1,227 @@
+"""The MoE experts (26B-A4B): each token's K experts' GeGLU, weighted and summed.
+
+    out[t] = Σ_k weights[t, k] · down[e] @ (gelu_tanh(gate[e] @ x[t]) * (up[e] @ x[t])),  e = indices[t, k]
+
+gate_up [E, 2I, H] holds gate rows then up rows (HF's fused `gate_up_proj`), down [E, H, I]; float or
+affine 4/8-bit (moe_weights.py). x [T, H]; indices, weights [T, K] from the router (moe_router.py).
+
+Decode (up to DECODE_TOKENS tokens) runs in two passes that stream the chosen experts' weights once:
+1. `moe_gate_up`: a simdgroup per (token, slot k, j < I) reads gate row j and up row j of expert e
+   together (lanes split H into words), and writes gelu(gate) * up, float32, to act [T*K, I].
+2. `moe_down`: a simdgroup per (token, R output rows) walks all K experts' down rows at once (lanes
+   split K * I), weighting each expert's part by its routing weight: the combine is free.
+More tokens (prefill) go to the reference, which sorts the (token, expert) pairs by expert so that
+MLX's gathered matmuls read each expert's weights once per run of tokens, then unsorts.
+"""
+
+from functools import partial
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .kernel import Kernel, Launcher, backend, launcher, usable
+from .moe_weights import Packed, kernel_supports, names, row_dot
+
+DECODE_TOKENS = 8  # the kernels' range; beyond it the sorted gathered matmuls win (weights reread per token)
+SORT_THRESHOLD = 64  # (token, expert) pairs from which sorting by expert pays
+SIMDGROUPS = 4
+DOWN_ROWS = 2  # output rows a simdgroup of the down pass computes: more loads in flight per lane
+
+GATE_UP = r"""
+    // Template: N (= H), I, K, BITS, GS, VPC, SG.
+    const uint lane = thread_index_in_simdgroup;
+    const uint pair = threadgroup_position_in_grid.z;  // token * K + slot
+    const int j = threadgroup_position_in_grid.y * SG + simdgroup_index_in_threadgroup;
+    if (j < I) {  // uniform across the simdgroup
+        const size_t e = indices[pair];
+        const size_t xrow = size_t(pair / K) * N;
+        float acc[2] = {0.0f, 0.0f};
+        for (int c = lane; c < N / VPC; c += 32) {
+            DOT
+        }
+        const float gate = simd_sum(acc[0]);
+        const float up = simd_sum(acc[1]);
+        if (lane == 0) {
+            // gelu, tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1) is exact at both infinities
+            const float u = 0.7978845608028654f * (gate + 0.044715f * gate * gate * gate);
+            const float tanh_u = 1.0f - 2.0f / (metal::exp(2.0f * u) + 1.0f);
+            act[size_t(pair) * I + j] = 0.5f * gate * (1.0f + tanh_u) * up;
+        }
+    }
+"""
+
+DOWN = r"""
+    // Template: N (= I), H, K, BITS, GS, VPC, SG, R (rows a simdgroup), OT (output type).
+    constexpr int CPR = N / VPC;  // chunks per expert row
+    const uint lane = thread_index_in_simdgroup;
+    const uint t = threadgroup_position_in_grid.z;
+    const int h0 = (threadgroup_position_in_grid.y * SG + simdgroup_index_in_threadgroup) * R;
+    if (h0 < H) {  // uniform across the simdgroup
+        float acc[R];
+        for (int i = 0; i < R; i++) {
+            acc[i] = 0.0f;
+        }
+        for (int c = lane; c < K * CPR; c += 32) {
+            const int k = c / CPR;
+            const int chunk = c - k * CPR;
+            const uint pair = t * K + k;
+            const size_t e = indices[pair];
+            const float weight = weights[pair];
+            const size_t xrow = size_t(pair) * N;
+            DOT
+        }
+        for (int i = 0; i < R; i++) {
+            acc[i] = simd_sum(acc[i]);
+        }
+        if (lane == 0) {
+            for (int i = 0; i < R; i++) {
+                out[size_t(t) * H + h0 + i] = static_cast<OT>(acc[i]);
+            }
+        }
+    }
+"""
+
+
+def _indent(code: str, spaces: int) -> str:
+    return code.replace("\n", "\n" + " " * spaces)
+
+
+def _gate_up_kernel(quantized: bool) -> Kernel:
+    rows = ["e * 2 * I + j", "e * 2 * I + I + j"]
+    dot = row_dot(quantized, "w", rows, "c", "load4(x + xrow + {})", ["acc[0]", "acc[1]"])
+    return Kernel(
+        name=f"moe_gate_up_{'q' if quantized else 'f'}",
+        source=GATE_UP.replace("DOT", _indent(dot, 12)),
+        inputs=["x", "indices", *names("w", quantized)],
+        outputs=["act"],
+    )
+
+
+def _down_kernel(quantized: bool) -> Kernel:
+    rows = [f"e * H + h0 + {i}" for i in range(DOWN_ROWS)]
+    acc = [f"acc[{i}]" for i in range(DOWN_ROWS)]
+    dot = row_dot(quantized, "w", rows, "chunk", "load4(act + xrow + {})", acc, factor="weight")
+    return Kernel(
+        name=f"moe_down_{'q' if quantized else 'f'}",
+        source=DOWN.replace("DOT", _indent(dot, 12)),
+        inputs=["act", "indices", "weights", *names("w", quantized)],
+        outputs=["out"],
+    )
+
+
+GATE_UP_KERNELS = {q: _gate_up_kernel(q) for q in (False, True)}
+DOWN_KERNELS = {q: _down_kernel(q) for q in (False, True)}
+
+
+def _gathered(w: Packed, x, indices, sorted_indices: bool):
+    if w.quantized:
+        return mx.gather_qmm(x, w.weight, w.scales, w.biases, rhs_indices=indices, transpose=True,
+                             group_size=w.group_size, bits=w.bits, mode=w.mode, sorted_indices=sorted_indices)
+    return mx.gather_mm(x, w.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
+def reference(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
+    """The definition in MLX's gathered matmuls: x [..., H], indices/weights [..., K] -> [..., H]."""
+    lead, k = x.shape[:-1], indices.shape[-1]
+    x = x.reshape(-1, 1, 1, x.shape[-1])
+    flat = indices.reshape(-1, k)
+    do_sort = flat.size >= SORT_THRESHOLD
+    if do_sort:
+        order = mx.argsort(flat.flatten())
+        inverse = mx.argsort(order)
+        x = x[order // k]
+        flat = flat.flatten()[order][:, None]
+    gate, up = mx.split(_gathered(gate_up, x, flat, do_sort), 2, axis=-1)
+    out = _gathered(down, _geglu(gate, up), flat, do_sort)
+    if do_sort:
+        out = out[inverse]
+    out = out.reshape(*lead, k, out.shape[-1])
+    return (out * weights[..., None].astype(out.dtype)).sum(axis=-2)
+
+
+@partial(mx.compile, shapeless=True)
+def _geglu(gate, up):
+    return nn.gelu_approx(gate) * up
+
+
+def supports(x, indices, weights, gate_up: Packed, down: Packed) -> bool:
+    """Shapes and formats the decode kernels take; anything else goes to the reference."""
+    hidden, inner = x.shape[-1], down.n
+    tokens = x.size // hidden
+    return (
+        0 < tokens <= DECODE_TOKENS
+        and kernel_supports(gate_up)
+        and kernel_supports(down)
+        and gate_up.n == hidden
+        and gate_up.weight.shape[-2] == 2 * inner
+        and down.weight.shape[-2] == hidden
+        and hidden % DOWN_ROWS == 0
+        and x.dtype in (mx.float32, mx.float16, mx.bfloat16)
+        and indices.dtype in (mx.uint32, mx.int32)
+        and weights.dtype == mx.float32
+    )
+
+
+def experts(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
+    """[..., H] on this device's decode kernels when they apply, else the reference (see module doc)."""
+    on = backend()
+    if on != "reference" and supports(x, indices, weights, gate_up, down):
+        config = (on, x.dtype, x.shape[-1], down.n, indices.shape[-1], gate_up.bits, down.bits,
+                  gate_up.group_size, down.group_size, gate_up.weight.dtype, down.weight.dtype)
+        if usable(("moe_experts", *config), lambda: _probe(on, x, indices, gate_up, down)):
+            return run(launcher(on), x, indices, weights, gate_up, down)
+    return reference(x, indices, weights, gate_up, down)
+
+
+def run(launch: Launcher, x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
+    """The decode kernels through `launch` (a GPU backend, or the tests' CPU emulator)."""
+    lead, hidden = x.shape[:-1], x.shape[-1]
+    tokens, k, inner = x.size // hidden, indices.shape[-1], down.n
+    (act,) = launch(
+        GATE_UP_KERNELS[gate_up.quantized],
+        inputs=[x.reshape(tokens, hidden), indices.reshape(-1), *gate_up.arrays],
+        template=[("N", hidden), ("I", inner), ("K", k), *gate_up.template(), ("SG", SIMDGROUPS)],
+        grid=(32 * SIMDGROUPS, -(-inner // SIMDGROUPS), tokens * k),
+        threadgroup=(32 * SIMDGROUPS, 1, 1),
+        output_shapes=[(tokens * k, inner)],
+        output_dtypes=[mx.float32],
+    )
+    (out,) = launch(
+        DOWN_KERNELS[down.quantized],
+        inputs=[act, indices.reshape(-1), weights.reshape(-1), *down.arrays],
+        template=[("N", inner), ("H", hidden), ("K", k), *down.template(), ("SG", SIMDGROUPS), ("R", DOWN_ROWS),
+                  ("OT", x.dtype)],
+        grid=(32 * SIMDGROUPS, -(-hidden // (SIMDGROUPS * DOWN_ROWS)), tokens),
+        threadgroup=(32 * SIMDGROUPS, 1, 1),
+        output_shapes=[(tokens, hidden)],
+        output_dtypes=[x.dtype],
+    )
+    return out.reshape(*lead, hidden)
+
+
+def float32_reference(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
+    """The reference on the same values in float32 throughout (the kernels' precision)."""
+    as32 = [Packed(w.dense().astype(mx.float32)) for w in (gate_up, down)]
+    return reference(x.astype(mx.float32), indices, weights, *as32)
+
+
+TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 2e-2}  # relative to the output's max
+
+
+def mismatch(got, want) -> Optional[str]:
+    """None when `got` is within the output dtype's tolerance of `want` (relative to want's scale)."""
+    error = mx.abs(got.astype(mx.float32) - want).max().item() / max(mx.abs(want).max().item(), 1e-30)
+    return None if error <= TOLERANCE[got.dtype] else f"relative error {error:.3g} > {TOLERANCE[got.dtype]}"
+
+
+def _probe(on: str, x, indices, gate_up: Packed, down: Packed) -> Optional[str]:
+    """The configuration of this call on a small case (two tokens, a few experts); None when it matches."""
+    hidden, inner, k = x.shape[-1], down.n, indices.shape[-1]
+    keys = mx.random.split(mx.random.key(0), 4)
+    small = [Packed(*[a[: k + 1] for a in w.arrays], bits=w.bits, group_size=w.group_size) for w in (gate_up, down)]
+    xs = mx.random.normal((2, hidden), key=keys[0]).astype(x.dtype)
+    chosen = mx.stack([mx.arange(k), mx.arange(1, k + 1)]).astype(indices.dtype)
+    routing = mx.softmax(mx.random.normal((2, k), key=keys[1]), axis=-1)
+    got = run(launcher(on), xs, chosen, routing, *small)
+    return mismatch(got, float32_reference(xs, chosen, routing, *small))

@@ -1,0 +1,114 @@
+"""How the MoE kernels read a weight matrix: float, or affine-quantized as `mx.quantize` packs it.
+
+A `Packed` weight is a stack of matrices [..., rows, n] (the experts' [E, out, in], or the router's
+[E, H]) in one of two formats:
+- float (float32, float16, bfloat16): `weight` as is;
+- affine 4- or 8-bit (what the converter and mlx-lm write): `weight` uint32 [..., rows, n * bits / 32],
+  value i of a row in bits `bits * (i % (32 / bits))` of word `i / (32 / bits)`; `scales`, `biases`
+  [..., rows, n / group_size] in the model's float type; w = scale * q + bias.
+
+`row_dot` writes the body code in which a simdgroup's lanes split a row into chunks (one uint32 word,
+or four floats) and accumulate rows · x; the kernel's `simd_sum` finishes the sums.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class Packed:
+    weight: mx.array
+    scales: Optional[mx.array] = None
+    biases: Optional[mx.array] = None
+    bits: int = 0  # 0: float weights
+    group_size: int = 0
+    mode: str = "affine"
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits > 0
+
+    @property
+    def n(self) -> int:
+        """The row length (input dimension)."""
+        return self.weight.shape[-1] * 32 // self.bits if self.quantized else self.weight.shape[-1]
+
+    @property
+    def values_per_chunk(self) -> int:
+        return 32 // self.bits if self.quantized else 4
+
+    @property
+    def arrays(self) -> list:
+        return [self.weight, self.scales, self.biases] if self.quantized else [self.weight]
+
+    def dense(self) -> mx.array:
+        """The float matrices (the references' view of the weight)."""
+        if not self.quantized:
+            return self.weight
+        return mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode)
+
+    def template(self) -> list:
+        """BITS (0: float), GS (group size), VPC (values a lane reads at once: a uint32 word, or 4 floats)."""
+        return [("BITS", self.bits), ("GS", self.group_size or 4), ("VPC", self.values_per_chunk)]
+
+
+def kernel_supports(w: Packed) -> bool:
+    """Formats the kernels read; the model falls back to its reference for anything else."""
+    if w.quantized:
+        return (w.mode == "affine" and w.bits in BITS and w.biases is not None and w.group_size in (32, 64, 128)
+                and w.weight.dtype == mx.uint32 and w.scales.dtype in FLOAT_DTYPES)
+    return w.weight.dtype in FLOAT_DTYPES and w.n % 4 == 0
+
+
+def names(prefix: str, quantized: bool) -> list:
+    """The kernel input names of a weight."""
+    return [prefix, f"{prefix}_scales", f"{prefix}_biases"] if quantized else [prefix]
+
+
+def row_dot(quantized: bool, w: str, rows: list, chunk: str, x_chunk: str, acc: list, factor: str = "") -> str:
+    """Body code: acc[i] += factor * (row rows[i] of `w`, chunk `chunk`) · (x's same chunk), for each i.
+
+    `rows` are C expressions of flat row indices, `x_chunk` a format string giving an f32x4 of x from
+    its element offset {}; template constants: N (row length), BITS, GS, VPC. Quantized chunks use
+    Σ (s q + b) x = s Σ q x + b Σ x, so x's chunk sum is shared by all rows.
+    """
+    scale = f"{factor} * " if factor else ""
+    if not quantized:
+        lines = [f"f32x4 xv = {x_chunk.format(f'4 * ({chunk})')};"]
+        for row, a in zip(rows, acc):
+            lines.append(f"{{ f32x4 wv = load4({w} + size_t({row}) * N + 4 * ({chunk}));")
+            lines.append(f"  {a} += {scale}(wv.x * xv.x + wv.y * xv.y + wv.z * xv.z + wv.w * xv.w); }}")
+        return "\n".join(lines)
+    lines = [
+        "constexpr uint MASK = (1u << BITS) - 1u;",
+        "f32x4 xv[VPC / 4];",
+        "float xsum = 0.0f;",
+        "for (int v = 0; v < VPC / 4; v++) {",
+        f"  xv[v] = {x_chunk.format(f'VPC * ({chunk}) + 4 * v')};",
+        "  xsum += xv[v].x + xv[v].y + xv[v].z + xv[v].w;",
+        "}",
+        f"const int group = VPC * ({chunk}) / GS;",
+    ]
+    for row, a in zip(rows, acc):
+        lines += [
+            "{",
+            f"  const size_t r = size_t({row});",
+            f"  const uint word = {w}[r * (N / VPC) + ({chunk})];",
+            f"  const float s = static_cast<float>({w}_scales[r * (N / GS) + group]);",
+            f"  const float b = static_cast<float>({w}_biases[r * (N / GS) + group]);",
+            "  float qx = 0.0f;",
+            "  for (int v = 0; v < VPC / 4; v++) {",
+            "    qx += float((word >> (BITS * (4 * v))) & MASK) * xv[v].x"
+            " + float((word >> (BITS * (4 * v + 1))) & MASK) * xv[v].y",
+            "        + float((word >> (BITS * (4 * v + 2))) & MASK) * xv[v].z"
+            " + float((word >> (BITS * (4 * v + 3))) & MASK) * xv[v].w;",
+            "  }",
+            f"  {a} += {scale}(s * qx + b * xsum);",
+            "}",
+        ]
+    return "\n".join(lines)
