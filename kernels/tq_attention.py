@@ -1,0 +1,273 @@
+"""Attention on TurboQuant-packed keys and values (decode: one query token; prefill: the reference).
+
+With R_k, R_v the layers' rotations (turboquant/rotation.py), a packed row holding codes and ‖x‖:
+
+    q'  = scale · R_k·q                                   (once per step, in MLX)
+    s_t = ‖k_t‖ · Σ_j q'_j · c_k[code_k(t, j)]            (scores straight from the codes)
+    o'  = Σ_t softmax(s)_t · ‖v_t‖ · c_v[code_v(t, j)]    (values summed in the rotated basis)
+    out = R_vᵀ·o'                                          (one inverse rotation per output)
+
+queries [B, HQ, L, D]; rows [B, HKV, S, words + 1] uint32 (GQA as in decode_attention); `mask` as the
+model builds it (None, "causal", or a boolean [B|1, 1, L, S] array).
+
+The decode kernel follows decode_attention.py: `tq_attention_partial` is a threadgroup per (sequence,
+kv head, chunk of keys); lane l holds the D/32 consecutive rotated coordinates l·D/32.. of its heads'
+queries and outputs and reads exactly those bits of each packed row (coalesced; the two codebooks
+sit in threadgroup memory); an online softmax keeps (m, l, o') per simdgroup. decode_attention's
+combine pass then merges the partials. Prefill (L > 1) and the CPU take the reference, which
+dequantizes the rotated keys and values and runs MLX's fused attention.
+"""
+
+from typing import Optional, Union
+
+import mlx.core as mx
+
+from .decode_attention import (
+    BK,
+    COMBINE_THREADS,
+    MAX_PARTIALS,
+    MIN_CHUNK,
+    MIN_SIMDGROUPS,
+    TARGET_THREADGROUPS,
+    _constant,
+    _heads_per_simdgroup,
+    combine_kernel,
+)
+from .kernel import Kernel, Launcher, backend, launcher, usable
+
+PARTIAL = r"""
+    // Template: D, G, HPS, NK, BK, KB, VB (key and value bits), MASKED.
+    constexpr int NH = G / HPS;
+    constexpr int N = D / 32;       // lane l holds rotated coordinates l * N .. l * N + N - 1
+    constexpr int WK = KB == 4 ? D / 8 : (KB == 2 ? D / 16 : D / 16 + D / 32);  // words before the norm
+    constexpr int WV = VB == 4 ? D / 8 : (VB == 2 ? D / 16 : D / 16 + D / 32);
+    constexpr float FLOOR = -1e30f;
+// code of coordinate j in a packed row (turboquant/packing.py): 3 bits as a 2-bit and a 1-bit plane
+#define TQ_CODE(row, B, j)                                                                          \
+    ((B) == 3 ? ((((row)[(j) / 16] >> (2 * ((j) % 16))) & 3u) |                                      \
+                 ((((row)[D / 16 + (j) / 32] >> ((j) % 32)) & 1u) << 2))                               \
+              : (((row)[(j) * (B) / 32] >> (((j) * (B)) % 32)) & ((1u << (B)) - 1u)))
+    threadgroup float lut[32];  // key codebook at 0, value codebook at 16
+    const uint t_id = thread_index_in_threadgroup;
+    const uint lane = thread_index_in_simdgroup;
+    const uint sg = simdgroup_index_in_threadgroup;
+    if (t_id < (1u << KB)) {
+        lut[t_id] = k_lut[t_id];
+    }
+    if (t_id < (1u << VB)) {
+        lut[16 + t_id] = v_lut[t_id];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    const int HQ = q_shape[1];
+    const int HKV = k_shape[1];
+    const int S = k_shape[2];
+    const uint b = threadgroup_position_in_grid.z / HKV;
+    const uint kvh = threadgroup_position_in_grid.z % HKV;
+    const uint h0 = kvh * G + (sg % NH) * HPS;
+    const int split = sg / NH;
+    const int n_chunks = threadgroups_per_grid.y;
+    const int chunk_id = threadgroup_position_in_grid.y;
+    const int chunk = ((S + n_chunks - 1) / n_chunks + BK - 1) / BK * BK;
+    const int begin = chunk_id * chunk;
+    const int end = metal::min(S, begin + chunk);
+
+    float qs[HPS][N];
+    float o[HPS][N];
+    float m[HPS];
+    float l[HPS];
+    for (int h = 0; h < HPS; h++) {
+        for (int c = 0; c < N; c++) {
+            qs[h][c] = q[(size_t(b) * HQ + h0 + h) * D + lane * N + c];
+            o[h][c] = 0.0f;
+        }
+        m[h] = FLOOR;
+        l[h] = 0.0f;
+    }
+
+    const size_t k_head = b * k_strides[0] + kvh * k_strides[1];
+    const size_t v_head = b * v_strides[0] + kvh * v_strides[1];
+    const size_t mask_row = mask_shape[0] > 1 ? b * mask_strides[0] : 0;
+    for (int first = begin + split * BK; first < end; first += NK * BK) {
+        float s[BK][HPS];
+        bool valid[BK];
+#pragma unroll
+        for (int t = 0; t < BK; t++) {
+            const int key = metal::min(first + t, end - 1);
+            valid[t] = first + t < end && (!MASKED || mask[mask_row + key * mask_strides[1]]);
+            const size_t row = k_head + key * k_strides[2];
+            for (int h = 0; h < HPS; h++) {
+                s[t][h] = 0.0f;
+            }
+            for (int c = 0; c < N; c++) {
+                const float x = lut[TQ_CODE(k + row, KB, lane * N + c)];
+                for (int h = 0; h < HPS; h++) {
+                    s[t][h] += qs[h][c] * x;
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < BK; t++) {
+            const int key = metal::min(first + t, end - 1);
+            const float norm = k_norm[k_head + key * k_strides[2] + WK];
+            for (int h = 0; h < HPS; h++) {
+                s[t][h] = simd_sum(s[t][h]) * norm;
+            }
+        }
+        for (int h = 0; h < HPS; h++) {
+            float m_new = m[h];
+            for (int t = 0; t < BK; t++) {
+                if (valid[t]) {
+                    m_new = metal::max(m_new, s[t][h]);
+                }
+            }
+            const float rescale = metal::exp(m[h] - m_new);
+            m[h] = m_new;
+            l[h] *= rescale;
+            for (int c = 0; c < N; c++) {
+                o[h][c] *= rescale;
+            }
+            for (int t = 0; t < BK; t++) {
+                s[t][h] = valid[t] ? metal::exp(s[t][h] - m_new) : 0.0f;
+                l[h] += s[t][h];
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < BK; t++) {
+            const int key = metal::min(first + t, end - 1);
+            const size_t row = v_head + key * v_strides[2];
+            // a masked slot may hold anything, NaN norms included: it contributes nothing
+            const float norm = valid[t] ? v_norm[row + WV] : 0.0f;
+            for (int c = 0; c < N; c++) {
+                const float x = lut[16 + TQ_CODE(v + row, VB, lane * N + c)] * norm;
+                for (int h = 0; h < HPS; h++) {
+                    o[h][c] += s[t][h] * x;
+                }
+            }
+        }
+    }
+
+    const int parts = n_chunks * NK;
+    for (int h = 0; h < HPS; h++) {
+        const size_t at = (size_t(b) * HQ + h0 + h) * parts + chunk_id * NK + split;
+        for (int c = 0; c < N; c++) {
+            o_part[at * D + lane * N + c] = o[h][c];
+        }
+        if (lane == 0) {
+            ml[2 * at] = m[h];
+            ml[2 * at + 1] = l[h];
+        }
+    }
+#undef TQ_CODE
+"""
+
+partial_kernel = Kernel(
+    name="tq_attention_partial",
+    source=PARTIAL,
+    inputs=["q", "k", "k_norm", "v", "v_norm", "mask", "k_lut", "v_lut"],
+    outputs=["o_part", "ml"],
+    row_contiguous=False,
+)
+
+Mask = Union[None, str, mx.array]
+
+
+def reference(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, mask: Mask = None) -> mx.array:
+    """The definition in MLX ops: dequantized rotated keys/values, MLX attention, one inverse rotation."""
+    q = k_codec.rotate(queries) * scale
+    keys, values = k_codec.decode_rotated(k_rows), v_codec.decode_rotated(v_rows)
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+    return v_codec.unrotate(out).astype(queries.dtype)
+
+
+def supports(queries, k_codec, v_codec, mask: Mask) -> bool:
+    return (
+        queries.shape[2] == 1
+        and queries.shape[3] % 32 == 0
+        and k_codec.dim == v_codec.dim == queries.shape[3]
+        and (mask is None or isinstance(mask, str) or mask.dtype == mx.bool_)
+    )
+
+
+def tq_attention(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, mask: Mask = None) -> mx.array:
+    """[B, HQ, L, D] attention outputs on this device's kernel (decode), or the reference."""
+    on = backend()
+    if on != "reference" and supports(queries, k_codec, v_codec, mask):
+        decode_mask = mask if isinstance(mask, mx.array) else None  # a lone newest query: "causal" is no mask
+        group = queries.shape[1] // k_rows.shape[1]
+        config = (on, queries.shape[3], group, k_codec.bits, v_codec.bits, decode_mask is not None)
+        if usable(("tq_attention", *config), lambda: _probe(*config)):
+            return attend(launcher(on), queries, k_rows, v_rows, k_codec, v_codec, scale, decode_mask)
+    return reference(queries, k_rows, v_rows, k_codec, v_codec, scale, mask)
+
+
+def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0,
+           mask: Optional[mx.array] = None) -> mx.array:
+    """The kernel path: rotate q, both passes through `launch`, rotate the output back."""
+    batch, n_heads, _, dim = queries.shape
+    n_kv, length = k_rows.shape[1], k_rows.shape[2]
+    group = n_heads // n_kv
+    per_simdgroup = _heads_per_simdgroup(group, dim)
+    head_groups = group // per_simdgroup
+    splits = max(1, MIN_SIMDGROUPS // head_groups)
+    chunks = max(1, min(-(-TARGET_THREADGROUPS // (batch * n_kv)), -(-length // MIN_CHUNK), MAX_PARTIALS // splits))
+    threads = 32 * head_groups * splits
+    q = k_codec.rotate(queries) * scale
+    o_part, ml = launch(
+        partial_kernel,
+        inputs=[
+            q,
+            k_rows,
+            k_rows.view(mx.float32),  # the same buffer: the norm word read as a float
+            v_rows,
+            v_rows.view(mx.float32),
+            _constant(False) if mask is None else mask.reshape(-1, length),
+            k_codec.centroids,
+            v_codec.centroids,
+        ],
+        template=[
+            ("D", dim),
+            ("G", group),
+            ("HPS", per_simdgroup),
+            ("NK", splits),
+            ("BK", BK),
+            ("KB", k_codec.bits),
+            ("VB", v_codec.bits),
+            ("MASKED", mask is not None),
+        ],
+        grid=(threads, chunks, batch * n_kv),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(batch * n_heads, chunks * splits, dim), (batch * n_heads, chunks * splits, 2)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    (out,) = launch(
+        combine_kernel,
+        inputs=[o_part, ml],
+        template=[("T", mx.float32), ("D", dim), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS)],
+        grid=(COMBINE_THREADS, batch * n_heads, 1),
+        threadgroup=(COMBINE_THREADS, 1, 1),
+        output_shapes=[(batch, n_heads, 1, dim)],
+        output_dtypes=[mx.float32],
+    )
+    return v_codec.unrotate(out).astype(queries.dtype)
+
+
+TOLERANCE = 1e-4  # max abs error against the reference on the same codes, float32 outputs ~N(0, 1)
+
+
+def _probe(on: str, dim: int, group: int, k_bits: int, v_bits: int, masked: bool) -> Optional[str]:
+    """Run one small case of this configuration on the device; None when it matches the reference."""
+    from ..turboquant.codec import TurboQuantCodec
+
+    k_codec, v_codec = TurboQuantCodec(dim, k_bits, 0), TurboQuantCodec(dim, v_bits, 1)
+    batch, length = 2, 3 * MIN_CHUNK + 5
+    keys = mx.random.split(mx.random.key(0), 3)
+    q = mx.random.normal((batch, group, 1, dim), key=keys[0])
+    k = k_codec.encode(mx.random.normal((batch, 1, length, dim), key=keys[1]))
+    v = v_codec.encode(mx.random.normal((batch, 1, length, dim), key=keys[2]))
+    mask = mx.arange(length)[None] >= mx.array([[0], [7]]) if masked else None
+    scale = dim**-0.5
+    got = attend(launcher(on), q, k, v, k_codec, v_codec, scale, mask)
+    want = reference(q, k, v, k_codec, v_codec, scale, None if mask is None else mask[:, None, None])
+    error = mx.abs(got - want).max().item()
+    return None if error <= TOLERANCE else f"max error {error:.3g} > {TOLERANCE}"
