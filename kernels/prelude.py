@@ -13,6 +13,8 @@ A body is written once in Metal spelling, restricted to a portable subset, and h
 - `f32x4` and `load4(p)`: four consecutive elements as floats, p 8-byte aligned (vector loads on CUDA).
 - inputs indexed through `<name>_shape[i]` / `<name>_strides[i]` (Metal: pointers, CUDA: arrays);
   no 0-d inputs (Metal passes them by reference, CUDA by pointer): pass shape-(1,) arrays, read x[0].
+- `u32x4` and `load_words4(p)`: four consecutive uint32 words, p 16-byte aligned (one 128-bit load on
+  CUDA); `bits_to_float(u)`: the float whose bits are u (Metal's as_type).
 - arithmetic in float: load with `static_cast<float>` or `load4`, store with `static_cast<T>`
   (CUDA's bf16/half operators are ambiguous in mixed expressions). No lambdas, no double, no std::.
 - grid a multiple of the threadgroup: Metal launches exactly the grid, CUDA whole blocks.
@@ -23,6 +25,11 @@ struct f32x4 { float x, y, z, w; };
 template <typename P> inline f32x4 load4(P p) {
   return f32x4{float(p[0]), float(p[1]), float(p[2]), float(p[3])};
 }
+struct u32x4 { uint v[4]; };
+template <typename P> inline u32x4 load_words4(P p) {
+  return u32x4{{uint(p[0]), uint(p[1]), uint(p[2]), uint(p[3])}};
+}
+inline float bits_to_float(uint u) { return as_type<float>(u); }
 """
 
 CUDA_PRELUDE = r"""
@@ -73,4 +80,10 @@ __device__ __forceinline__ f32x4 load4(const __half* p) {
   float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
   return f32x4{a.x, a.y, b.x, b.y};
 }
+struct u32x4 { uint v[4]; };
+__device__ __forceinline__ u32x4 load_words4(const uint* p) {
+  uint4 u = *reinterpret_cast<const uint4*>(p);  // 16-byte aligned
+  return u32x4{{u.x, u.y, u.z, u.w}};
+}
+__device__ __forceinline__ float bits_to_float(uint u) { return __uint_as_float(u); }
 """

@@ -40,5 +40,6 @@ float max(float a, float b);
 float min(float a, float b);
 int max(int a, int b);
 int min(int a, int b);
+template <typename T, typename U> T as_type(U x);
 }  // namespace metal
 using namespace metal;

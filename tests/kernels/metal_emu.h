@@ -330,6 +330,7 @@ inline float max(float a, float b) { return __builtin_fmaxf(a, b); }  // a NaN l
 inline float min(float a, float b) { return __builtin_fminf(a, b); }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
+template <typename T, typename U> T as_type(U x) { return __builtin_bit_cast(T, x); }
 }  // namespace metal
 using namespace metal;
 

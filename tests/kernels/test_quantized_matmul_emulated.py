@@ -1,0 +1,101 @@
+"""The quantized GEMV's Metal body on the CPU emulator (rung b) and clang's type check of every generated
+configuration (rung a), against the float32 definition: every format (4/8 bits x groups 32/64/128 x
+float32/float16/bfloat16), 1-8 rows, shapes that are not multiples of the kernel's tiles."""
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import pytest
+
+import metal_check
+import metal_emu
+from metal_source import capture
+from mlx_gemma4.kernels.quantized_matmul import (
+    BITS, DTYPES, GROUP_SIZES, MAX_ROWS, TOLERANCE, error, gemv, quantized_case, reference,
+)
+
+pytestmark = pytest.mark.skipif(not (metal_check.CLANG and metal_emu.CXX), reason="needs clang-19 and clang++-19")
+
+FORMATS = [(bits, group) for bits in BITS for group in GROUP_SIZES]
+
+
+def check(rows, k, n, dtype, group, bits, launch=metal_emu.run, seed=0):
+    case = quantized_case(rows, k, n, dtype, group, bits, seed)
+    got = gemv(launch, *case, group, bits)
+    want = reference(*case, group, bits)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert error(got, want) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits,group", FORMATS)
+def test_every_format(bits, group, dtype):
+    # K = 384: a fraction of one step (1024 codes at 4 bits, 512 at 8), so most lanes idle; N = 11: the
+    # last simdgroup holds three rows, its fourth re-reads row 10 and is not written.
+    check(2, 384, 11, dtype, group, bits)
+
+
+@pytest.mark.parametrize("rows", range(1, MAX_ROWS + 1))
+def test_every_row_count(rows):
+    check(rows, 256, 9, mx.bfloat16, 64, 4, seed=rows)
+
+
+@pytest.mark.parametrize(
+    "bits,group,k,n",
+    [
+        (4, 128, 3 * 1024 + 640, 21),  # several steps, the last one partial; three threadgroups
+        (8, 32, 2 * 512 + 32, 8),  # one lane of the last step; exactly one threadgroup
+        (4, 32, 32, 1),  # one group, one row
+    ],
+)
+def test_shapes_off_the_tiles(bits, group, k, n):
+    check(3, k, n, mx.float16, group, bits)
+
+
+def test_leading_dimensions_are_rows():
+    """[B, L, K] activations, as the model hands them: rows are B * L, the output [B, L, N]."""
+    x, w, scales, biases = quantized_case(6, 256, 16, mx.bfloat16, 64, 4)
+    got = gemv(metal_emu.run, x.reshape(2, 3, 256), w, scales, biases, 64, 4)
+    assert got.shape == (2, 3, 16)
+    assert error(got.reshape(6, 16), reference(x, w, scales, biases, 64, 4)) <= TOLERANCE[mx.bfloat16]
+
+
+def test_extreme_codes_and_signs():
+    """All-zero and all-ones codes (0 and 2^BITS - 1 at every bit offset), negative scales."""
+    for bits in BITS:
+        x = mx.random.normal((1, 512), key=mx.random.key(3))
+        weight = mx.concatenate([mx.full((2, 512), 5.0), mx.full((2, 512), -5.0), -mx.ones((1, 512))])
+        ramp = mx.broadcast_to(mx.arange(512, dtype=mx.float32) % 2 * 2 - 1, (3, 512))  # +-1: all codes extreme
+        w, scales, biases = mx.quantize(mx.concatenate([weight, ramp]), 64, bits)
+        got = gemv(metal_emu.run, x, w, -scales, biases, 64, bits)
+        assert error(got, reference(x, w, -scales, biases, 64, bits)) <= TOLERANCE[mx.float32]
+
+
+@pytest.mark.parametrize("seed", [1, 5])
+def test_shuffled_schedule(seed):
+    check(4, 1024 + 256, 19, mx.float32, 64, 8, launch=functools.partial(metal_emu.run, seed=seed))
+
+
+def sources(rows, dtype, group, bits) -> str:
+    captured = []
+
+    def record(kernel, **call):
+        captured.append(capture(kernel.build("metal"), **call))
+        return [mx.zeros(shape, dtype) for shape, dtype in zip(call["output_shapes"], call["output_dtypes"])]
+
+    gemv(record, *quantized_case(rows, 256, 8, dtype, group, bits), group, bits)
+    return captured[0]
+
+
+def test_configurations_typecheck_and_lint():
+    """Every dtype and format at 1 and 8 rows, and every row count in between at one of them (the row
+    count is a loop bound, the dtype and format change the code's types and constants)."""
+    configs = [(rows, dtype, group, bits) for rows in (1, MAX_ROWS) for dtype in DTYPES for bits, group in FORMATS]
+    configs += [(rows, mx.bfloat16, 64, 4) for rows in range(2, MAX_ROWS)]
+    all_sources = {sources(*config) for config in configs}
+    assert len(all_sources) == len(configs)
+    with ThreadPoolExecutor() as pool:
+        errors = [e for e in pool.map(metal_check.check, sorted(all_sources)) if e]
+    assert not errors, "\n".join(errors)[:4000]
+    assert not [problem for source in all_sources for problem in metal_check.lint(source)]
