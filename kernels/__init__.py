@@ -3,6 +3,15 @@ prelude.py), with a pure-MLX reference of identical semantics used everywhere el
 
 from .decode_attention import decode_attention
 from .kernel import ENV, KernelFallbackWarning, backend
+from .prefill_attention import CausalMask, prefill_attention
 from .sdpa import scaled_dot_product_attention
 
-__all__ = ["ENV", "KernelFallbackWarning", "backend", "decode_attention", "scaled_dot_product_attention"]
+__all__ = [
+    "ENV",
+    "CausalMask",
+    "KernelFallbackWarning",
+    "backend",
+    "decode_attention",
+    "prefill_attention",
+    "scaled_dot_product_attention",
+]

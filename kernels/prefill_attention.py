@@ -173,7 +173,7 @@ SIMDGROUPS = 4  # per threadgroup
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CausalMask:
     """The mask of a prefill chunk, as rules rather than an L×S array (see the module doc).
 

@@ -1,27 +1,53 @@
-"""The model's hook: `mx.fast.scaled_dot_product_attention` with decode steps on our kernel.
+"""The model's hook: `mx.fast.scaled_dot_product_attention` with decode steps and prefill chunks on our
+kernels where they are faster on a GPU.
 
-MLX's fused attention covers neither head_dim 512 nor (on CUDA) 256, so Gemma 4 decode runs unfused
-there; our kernel takes those steps on a GPU. Everything else, and every step on the CPU, stays with
-MLX's built-in op.
+MLX's fused attention covers neither head_dim 512 nor (on CUDA) 256, so Gemma 4 attention runs unfused
+there. Decode steps go to decode_attention; prefill chunks whose mask is "causal" or a CausalMask
+(rules, no L×S array) go to prefill_attention at the head dims in PREFILL_HEAD_DIMS. Everything else,
+and every call on the CPU, stays with MLX's built-in op.
 """
 
 from typing import Union
 
 import mlx.core as mx
 
-from .decode_attention import decode_attention, supports
+from .decode_attention import decode_attention
+from .decode_attention import supports as decode_supports
+from .prefill_attention import CausalMask, prefill_attention
+from .prefill_attention import supports as prefill_supports
 from .kernel import backend
 
 # Measured on an H100 (benchmarks/results/attention.md): with a single kv head serving 8 query heads
-# (E2B's layout), MLX's unfused path overtakes the kernel beyond ~16K keys.
+# (E2B's layout), MLX's unfused path overtakes the decode kernel beyond ~16K keys.
 SINGLE_KV_HEAD_MAX_KEYS = 16384
+# Not yet measured: MLX has no fused prefill attention at d=512 on any backend (its fallback
+# materialises B·HQ·L·S scores), while at d=256 it may have one; benchmarks/attention.py --prefill
+# measures both.
+PREFILL_HEAD_DIMS = (512,)
 
 
 def scaled_dot_product_attention(
-    queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask: Union[None, str, mx.array] = None
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: Union[None, str, mx.array, CausalMask] = None,
 ) -> mx.array:
-    decode_mask = mask if isinstance(mask, mx.array) else None  # a lone query is the newest token: "causal" is no mask
-    mlx_is_faster = keys.shape[1] == 1 and keys.shape[2] > SINGLE_KV_HEAD_MAX_KEYS
-    if backend() != "reference" and not mlx_is_faster and supports(queries, keys, values, decode_mask):
-        return decode_attention(queries, keys, values, scale, decode_mask)
+    length = queries.shape[2]
+    if isinstance(mask, str) and mask == "causal" and length > 1:
+        mask = CausalMask()
+    if backend() != "reference":
+        if length == 1:
+            decode_mask = mask if isinstance(mask, mx.array) else None  # a lone query is the newest token
+            mlx_is_faster = keys.shape[1] == 1 and keys.shape[2] > SINGLE_KV_HEAD_MAX_KEYS
+            if not mlx_is_faster and decode_supports(queries, keys, values, decode_mask):
+                return decode_attention(queries, keys, values, scale, decode_mask)
+        elif (
+            isinstance(mask, CausalMask)
+            and queries.shape[3] in PREFILL_HEAD_DIMS
+            and prefill_supports(queries, keys, values, mask)
+        ):
+            return prefill_attention(queries, keys, values, scale, mask)
+    if isinstance(mask, CausalMask):
+        mask = "causal" if mask.window is mask.first_key is None else mask.dense(length, keys.shape[2])
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)

@@ -11,6 +11,7 @@ import pytest
 
 import metal_emu
 from prefill_cases import CHUNKS, Chunk, full
+from mlx_gemma4.kernels import backend, scaled_dot_product_attention
 from mlx_gemma4.kernels.prefill_attention import TOLERANCE, CausalMask, attend, reference
 
 needs_emulator = pytest.mark.skipif(not metal_emu.CXX, reason="needs clang++-19")
@@ -36,6 +37,16 @@ def test_reference_is_mlx_attention_with_the_model_mask():
     mlx = mx.fast.scaled_dot_product_attention(*as_float, scale=chunk.scale, mask=chunk.model_mask)
     got = reference(*as_float, chunk.scale, chunk.mask)
     assert mx.abs(got - mlx).max().item() < 1e-5
+
+
+@pytest.mark.skipif(backend() != "reference", reason="CPU behaviour")
+@pytest.mark.parametrize("name", ["sliding-256-8:1-bf16-wrapped", "full-512-8:1-fp16-padded"])
+def test_model_hook_on_cpu_is_mlx_attention_with_the_model_mask(name):
+    chunk = CHUNKS[name]()
+    got = scaled_dot_product_attention(chunk.queries, chunk.keys, chunk.values, chunk.scale, chunk.mask)
+    want = mx.fast.scaled_dot_product_attention(chunk.queries, chunk.keys, chunk.values, scale=chunk.scale,
+                                                mask=chunk.model_mask)
+    assert mx.array_equal(got, want).item()
 
 
 @needs_emulator
