@@ -7,6 +7,7 @@ from .config import ConfigError, TextConfig
 from .loading import LoadError, load_model, resolve_path
 from .generate import GenerationResponse, SamplingParams, generate, stream_generate
 from .model import Model
+from .quantized_cache import KVQuantConfig
 
 
 BUNDLED_MODEL = Path(__file__).parent / "bundled" / "gemma4-tiny"
@@ -36,6 +37,7 @@ def _read_json(file: Path) -> dict:
 __all__ = [
     "ConfigError",
     "GenerationResponse",
+    "KVQuantConfig",
     "LoadError",
     "Model",
     "SamplingParams",

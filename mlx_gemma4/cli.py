@@ -12,6 +12,7 @@ from . import BUNDLED_MODEL, load
 from .chat import OutputParser, render_chat
 from .generate import SamplingParams, stream_generate
 from .prompt_cache import PromptCache
+from .quantized_cache import SCHEMES, KVQuantConfig
 
 
 def add_model_and_sampling_args(parser: argparse.ArgumentParser):
@@ -26,11 +27,20 @@ def add_model_and_sampling_args(parser: argparse.ArgumentParser):
     parser.add_argument("--system-prompt", help="system message for the chat template")
     parser.add_argument("--thinking", action="store_true", help="let the model think before answering (off by default)")
     parser.add_argument("--verbose", action="store_true", help="print speed and memory after the answer")
+    parser.add_argument("--kv-quant", choices=SCHEMES, default="none", help="KV-cache quantization on every layer")
+    parser.add_argument("--kv-bits", type=int, default=4, help="KV-cache bits (keys; values too unless --kv-bits-v)")
+    parser.add_argument("--kv-bits-v", type=int, help="KV-cache bits of the values")
 
 
 def sampling_from(args) -> SamplingParams:
     return SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def kv_quant_from(args):
+    """The KVQuantConfig the flags ask for, None for the plain bf16 cache."""
+    config = KVQuantConfig(args.kv_quant, bits=args.kv_bits, bits_v=args.kv_bits_v)
+    return config if config.enabled else None
 
 
 def chat_prompt(tokenizer, messages: list, thinking: bool) -> str:
@@ -46,7 +56,7 @@ def stream_reply(model, tokenizer, prompt: str, args, prompt_cache=None, raw: bo
     ids = tokenizer.encode(prompt, add_special_tokens=raw)
     parser, answer, last = OutputParser.for_prompt(prompt), "", None
     for last in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampling=sampling_from(args),
-                                prompt_cache=prompt_cache):
+                                prompt_cache=prompt_cache, kv_quant=kv_quant_from(args)):
         events = parser.feed(last.text) + (parser.finish() if last.finish_reason else [])
         for event in events:
             if event.kind == "content":
@@ -73,6 +83,7 @@ def generate_main(argv=None):
     args = parser.parse_args(argv)
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        kv_quant_from(args)  # bad bits fail before the model loads
         model, tokenizer = load(args.model)
         if not args.no_chat_template:
             messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
@@ -88,12 +99,13 @@ def chat_main(argv=None):
     add_model_and_sampling_args(parser)
     args = parser.parse_args(argv)
     try:
+        kv_quant = kv_quant_from(args)
         model, tokenizer = load(args.model)
     except (OSError, ValueError, RuntimeError) as error:
         print(f"mlx_gemma4.chat: error: {error}", file=sys.stderr)
         sys.exit(1)
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    history, prompt_cache = list(system), PromptCache(model)
+    history, prompt_cache = list(system), PromptCache(model, kv_quant)
     print("Type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -104,7 +116,7 @@ def chat_main(argv=None):
         if line.strip() == "/exit":
             return
         if line.strip() == "/reset":
-            history, prompt_cache = list(system), PromptCache(model)
+            history, prompt_cache = list(system), PromptCache(model, kv_quant)
             continue
         if not line.strip():
             continue

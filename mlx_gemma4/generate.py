@@ -12,6 +12,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .prompt_cache import PromptCache
+from .quantized_cache import KVQuantConfig
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -128,6 +129,7 @@ def stream_generate(
     stop: Sequence[str] = (),
     prompt_cache: Optional[PromptCache] = None,
     return_logprobs: bool = False,
+    kv_quant: Optional[KVQuantConfig] = None,  # quantizes the KV cache of a new prompt cache
     prefill_step: int = DEFAULT_PREFILL_STEP,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion of `prompt` (text, or token ids) until EOS, a stop string or max_tokens."""
@@ -141,7 +143,7 @@ def stream_generate(
     sampling = (sampling or SamplingParams()).resolved(getattr(model, "generation_defaults", {}))
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
-    prompt_cache = prompt_cache or PromptCache(model)
+    prompt_cache = prompt_cache or PromptCache(model, kv_quant)
     remaining, cache = prompt_cache.prepare(list(prompt))
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer

@@ -26,10 +26,11 @@ def common_prefix(a: list, b: list) -> int:
 
 
 class PromptCache:
-    def __init__(self, model):
+    def __init__(self, model, kv_quant=None):
         self.model = model
+        self.kv_quant = kv_quant  # quantized_cache.KVQuantConfig of the caches; None: bf16
         self.tokens: list[int] = []  # the tokens whose keys/values the caches hold
-        self.cache = model.make_cache()
+        self.cache = model.make_cache(kv_quant=kv_quant)
 
     def prepare(self, prompt: list[int]) -> tuple[list[int], list]:
         """The part of `prompt` still to be run, and the caches to run it with."""
@@ -39,7 +40,7 @@ class PromptCache:
             for c in self.cache:
                 c.trim(drop)
         elif drop:
-            self.cache, keep = self.model.make_cache(), 0
+            self.cache, keep = self.model.make_cache(kv_quant=self.kv_quant), 0
         self.tokens = list(prompt)
         return list(prompt[keep:]), self.cache
 
@@ -53,19 +54,22 @@ class PromptCache:
             kinds.append(type(c).__name__)
             for j, array in enumerate(c.state if c.offset else ()):
                 arrays[f"{i}.{j}"] = array
-        metadata = {"format": FORMAT, "tokens": json.dumps(self.tokens), "kinds": json.dumps(kinds)}
+        metadata = {"format": FORMAT, "tokens": json.dumps(self.tokens), "kinds": json.dumps(kinds),
+                    "kv_quant": repr(self.kv_quant)}
         path = Path(path)
         tmp = path.with_name(path.name + ".partial.safetensors")
         mx.save_safetensors(str(tmp), arrays, metadata=metadata)
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path, model) -> "PromptCache":
+    def load(cls, path, model, kv_quant=None) -> "PromptCache":
         arrays, metadata = mx.load(str(path), return_metadata=True)
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not an mlx-gemma4 prompt cache")
         kinds = json.loads(metadata["kinds"])
-        prompt_cache = cls(model)
+        if metadata.get("kv_quant", "None") != repr(kv_quant):
+            raise ValueError(f"{path} holds a {metadata.get('kv_quant')} KV cache, not {kv_quant!r}")
+        prompt_cache = cls(model, kv_quant)
         if kinds != [type(c).__name__ for c in prompt_cache.cache]:
             raise ValueError(f"{path} was saved for a model with a different layer layout")
         for i, c in enumerate(prompt_cache.cache):

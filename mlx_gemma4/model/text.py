@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import FullCache, SlidingCache
+from ..quantized_cache import KVQuantConfig, Packed, make_quantized_cache, quantized_attention
 from ..kernels import scaled_dot_product_attention
 from ..config import FULL, SLIDING, LayerSpec, TextConfig
 from .layers import MLP, RMSNorm, RoPE, attention_mask, rms_norm_no_scale, soft_cap
@@ -50,7 +51,8 @@ class Attention(nn.Module):
             keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset)
             values = rms_norm_no_scale(values, self.eps).transpose(0, 2, 1, 3)
             keys, values = cache.update_and_fetch(keys, values)
-        out = scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+        attend = quantized_attention if isinstance(keys, Packed) else scaled_dot_product_attention
+        out = attend(queries, keys, values, scale=1.0, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         return self.o_proj(out), (keys, values)
 
@@ -190,15 +192,21 @@ class Model(nn.Module):
         cap = self.config.final_logit_softcapping
         return soft_cap(logits, mx.array(cap, logits.dtype)) if cap else logits
 
-    def make_cache(self, left_padding: Optional[list] = None, rollback: Optional[int] = None) -> list:
+    def make_cache(
+        self, left_padding: Optional[list] = None, rollback: Optional[int] = None,
+        kv_quant: Optional[KVQuantConfig] = None,
+    ) -> list:
         """One cache per layer that computes keys/values (KV-shared layers own none).
 
-        `left_padding[b]` is how many pad tokens start row b of a left-padded batch.
+        `left_padding[b]` is how many pad tokens start row b of a left-padded batch; `kv_quant`
+        quantizes every layer's cache (quantized_cache.py).
         """
         pad = np.array(left_padding) if left_padding is not None else None
         caches = []
         for spec in self.config.layers[: self.config.first_kv_shared_layer]:
-            if spec.layer_type == FULL:
+            if kv_quant is not None and kv_quant.enabled:
+                caches.append(make_quantized_cache(kv_quant, spec, self.config.sliding_window, pad, rollback))
+            elif spec.layer_type == FULL:
                 caches.append(FullCache(left_padding=pad))
             else:
                 extra = {} if rollback is None else {"rollback": rollback}

@@ -1,0 +1,130 @@
+"""TurboQuant codec: codebooks against the published tables, distortion against the paper's bounds,
+packing, rotation, the encoder's determinism, and attention in the rotated basis."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma4.kernels.tq_attention import reference as tq_reference
+from mlx_gemma4.kernels.tq_encode import reference as encode_reference
+from mlx_gemma4.turboquant.codebook import lloyd_max
+from mlx_gemma4.turboquant.codec import TurboQuantCodec, theoretical_bounds
+from mlx_gemma4.turboquant.packing import pack, unpack, words
+from mlx_gemma4.turboquant.rotation import fwht, hadamard, rotate, signs, unrotate
+
+# research/turboquant.md §1.3: exact Beta(d) Lloyd-Max, positive centroids ×√d, and d·MSE
+PUBLISHED = {
+    (256, 2): ([0.452618, 1.507805], 0.116740),
+    (256, 3): ([0.244760, 0.754667, 1.340247, 2.141669], 0.034256),
+    (256, 4): ([0.128134, 0.387214, 0.655187, 0.939714, 1.251989, 1.611168, 2.057411, 2.710567], 0.009408),
+    (512, 2): ([0.452699, 1.509111], 0.117111),
+    (512, 3): ([0.244927, 0.755336, 1.342077, 2.146797], 0.034402),
+    (512, 4): ([0.128264, 0.387631, 0.655973, 0.941026, 1.254107, 1.614601, 2.063199, 2.721539], 0.009454),
+}
+
+
+@pytest.mark.parametrize("dim,bits", PUBLISHED)
+def test_codebook_matches_published_table(dim, bits):
+    centroids, boundaries, mse = lloyd_max(dim, bits)
+    positive, published_mse = PUBLISHED[(dim, bits)]
+    assert np.allclose(centroids, -centroids[::-1])  # symmetric
+    assert np.abs(centroids[len(centroids) // 2 :] * math.sqrt(dim) - positive).max() < 2e-6
+    assert np.allclose(boundaries, (centroids[1:] + centroids[:-1]) / 2)
+    assert abs(mse - published_mse) < 2e-6
+
+
+def unit_vectors(n, dim, seed=0):
+    x = mx.random.normal((n, dim), key=mx.random.key(seed))
+    return x / mx.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("dim", [256, 512])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_distortion_within_paper_bounds_and_codebook_mse(dim, bits):
+    codec = TurboQuantCodec(dim, bits, seed=5)
+    x = unit_vectors(2000, dim)
+    distortion = mx.mean(mx.sum((codec.decode(codec.encode(x)) - x) ** 2, axis=-1)).item()
+    low, high = theoretical_bounds(bits)
+    assert low <= distortion <= high
+    assert abs(distortion / codec.unit_mse - 1) < 0.05
+
+
+def test_anisotropic_inputs_are_gaussianized():
+    """Few huge channels (outlier-heavy keys): the rotation keeps the distortion at the codebook's."""
+    dim, bits = 512, 4
+    rng = np.random.default_rng(1)
+    scales = np.exp(rng.normal(0, 1, dim)).astype(np.float32)
+    scales[:4] *= 20
+    x = mx.array(rng.standard_normal((2000, dim)).astype(np.float32) * scales)
+    codec = TurboQuantCodec(dim, bits, seed=2)
+    relative = mx.sum((codec.decode(codec.encode(x)) - x) ** 2, axis=-1) / mx.sum(x * x, axis=-1)
+    assert mx.mean(relative).item() < 1.15 * codec.unit_mse
+
+
+def test_degenerate_vectors():
+    dim = 256
+    codec = TurboQuantCodec(dim, 3, seed=0)
+    x = mx.stack([mx.zeros(dim), mx.ones(dim), mx.eye(dim)[7] * 1e4, hadamard(dim)[3]])
+    decoded = codec.decode(codec.encode(x))
+    assert not mx.any(mx.isnan(decoded)).item()
+    assert mx.array_equal(decoded[0], mx.zeros(dim)).item()
+    relative = mx.sum((decoded[1:] - x[1:]) ** 2, -1) / mx.sum(x[1:] ** 2, -1)
+    assert mx.max(relative).item() < 3 * codec.unit_mse
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dim", [32, 256, 512])
+def test_packing_round_trip(bits, dim):
+    codes = mx.random.randint(0, 2**bits, (3, 2, dim), key=mx.random.key(bits)).astype(mx.uint32)
+    packed = pack(codes, bits)
+    assert packed.shape == (3, 2, words(dim, bits)) and packed.dtype == mx.uint32
+    assert mx.array_equal(unpack(packed, bits, dim), codes).item()
+
+
+def test_three_bits_use_two_planes_without_straddling():
+    codes = mx.zeros((64,), mx.uint32)
+    codes[33] = 7  # low bits in word 2 at bits 2-3, high bit in plane word 1 at bit 1
+    packed = np.array(pack(codes, 3))
+    assert packed.tolist() == [0, 0, 3 << 2, 0, 0, 1 << 1]
+
+
+def test_bad_bits_and_dims_are_refused():
+    with pytest.raises(ValueError, match="2, 3 or 4"):
+        TurboQuantCodec(256, 5, 0)
+    with pytest.raises(ValueError, match="power-of-two"):
+        TurboQuantCodec(96, 4, 0)
+
+
+def test_rotation_is_orthogonal_and_seeded():
+    dim = 512
+    h = hadamard(dim)
+    assert mx.abs(h @ h - mx.eye(dim)).max().item() < 1e-5
+    x = mx.random.normal((4, dim))
+    assert mx.abs(fwht(x) / math.sqrt(dim) - x @ h).max().item() < 1e-4
+    s = signs(3, dim)
+    assert mx.abs(unrotate(rotate(x, s), s) - x).max().item() < 1e-4
+    assert mx.array_equal(s, signs(3, dim)).item() and not mx.array_equal(s, signs(4, dim)).item()
+
+
+def test_prefill_and_decode_encode_identically():
+    """The encoder is per vector: encoding a chunk or its tokens one by one gives the same rows."""
+    codec = TurboQuantCodec(256, 3, seed=1)
+    x = mx.random.normal((1, 2, 40, 256)).astype(mx.bfloat16)
+    whole = encode_reference(x, codec.sign, codec.boundaries, 3)
+    one_by_one = mx.concatenate([encode_reference(x[:, :, t : t + 1], codec.sign, codec.boundaries, 3)
+                                 for t in range(40)], axis=2)
+    assert mx.array_equal(whole, one_by_one).item()
+
+
+@pytest.mark.parametrize("length,mask", [(1, None), (5, "causal")])
+def test_attention_in_the_rotated_basis_equals_attention_on_dequantized_vectors(length, mask):
+    dim, heads, kv_heads, keys = 256, 8, 2, 70
+    k_codec, v_codec = TurboQuantCodec(dim, 4, 0), TurboQuantCodec(dim, 3, 1)
+    q = mx.random.normal((2, heads, length, dim), key=mx.random.key(1))
+    k = k_codec.encode(mx.random.normal((2, kv_heads, keys, dim), key=mx.random.key(2)))
+    v = v_codec.encode(mx.random.normal((2, kv_heads, keys, dim), key=mx.random.key(3)))
+    got = tq_reference(q, k, v, k_codec, v_codec, 0.0625, mask)
+    want = mx.fast.scaled_dot_product_attention(q, k_codec.decode(k), v_codec.decode(v), scale=0.0625, mask=mask)
+    assert mx.abs(got - want).max().item() < 1e-4
