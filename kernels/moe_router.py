@@ -31,7 +31,7 @@ BODY = r"""
     const uint sg = simdgroup_index_in_threadgroup;
     const uint tid = thread_index_in_threadgroup;
     const uint t = threadgroup_position_in_grid.x;
-    threadgroup f32x4 xs[N / 4];  // x * scale, as chunks of four
+    threadgroup float xs[N];  // x * scale
     threadgroup float sums[SG];
     threadgroup float logits[E];
 
@@ -39,7 +39,10 @@ BODY = r"""
     for (int i = tid; i < N / 4; i += NT) {
         const f32x4 v = load4(x + size_t(t) * N + 4 * i);
         const f32x4 s = load4(scale + 4 * i);
-        xs[i] = f32x4{v.x * s.x, v.y * s.y, v.z * s.z, v.w * s.w};
+        xs[4 * i] = v.x * s.x;
+        xs[4 * i + 1] = v.y * s.y;
+        xs[4 * i + 2] = v.z * s.z;
+        xs[4 * i + 3] = v.w * s.w;
         ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
     ss = simd_sum(ss);
@@ -106,7 +109,8 @@ BODY = r"""
 
 
 def _kernel(quantized: bool) -> Kernel:
-    dot = row_dot(quantized, "proj", ["e"], "c", "xs[({}) / 4]", ["acc"])
+    x_chunk = "f32x4{{xs[{0}], xs[({0}) + 1], xs[({0}) + 2], xs[({0}) + 3]}}"  # threadgroup memory: no load4
+    dot = row_dot(quantized, "proj", ["e"], "c", x_chunk, ["acc"])
     source = BODY.replace("DOT", dot.replace("\n", "\n            "))
     return Kernel(
         name=f"moe_router_{'q' if quantized else 'f'}",

@@ -86,11 +86,15 @@ def row_dot(quantized: bool, w: str, rows: list, chunk: str, x_chunk: str, acc: 
         return "\n".join(lines)
     lines = [
         "constexpr uint MASK = (1u << BITS) - 1u;",
-        "f32x4 xv[VPC / 4];",
+        "float xv[VPC];",
         "float xsum = 0.0f;",
-        "for (int v = 0; v < VPC / 4; v++) {",
-        f"  xv[v] = {x_chunk.format(f'VPC * ({chunk}) + 4 * v')};",
-        "  xsum += xv[v].x + xv[v].y + xv[v].z + xv[v].w;",
+        "for (int v = 0; v < VPC; v += 4) {",
+        f"  const f32x4 four = {x_chunk.format(f'VPC * ({chunk}) + v')};",
+        "  xv[v] = four.x;",
+        "  xv[v + 1] = four.y;",
+        "  xv[v + 2] = four.z;",
+        "  xv[v + 3] = four.w;",
+        "  xsum += four.x + four.y + four.z + four.w;",
         "}",
         f"const int group = VPC * ({chunk}) / GS;",
     ]
@@ -102,11 +106,8 @@ def row_dot(quantized: bool, w: str, rows: list, chunk: str, x_chunk: str, acc: 
             f"  const float s = static_cast<float>({w}_scales[r * (N / GS) + group]);",
             f"  const float b = static_cast<float>({w}_biases[r * (N / GS) + group]);",
             "  float qx = 0.0f;",
-            "  for (int v = 0; v < VPC / 4; v++) {",
-            "    qx += float((word >> (BITS * (4 * v))) & MASK) * xv[v].x"
-            " + float((word >> (BITS * (4 * v + 1))) & MASK) * xv[v].y",
-            "        + float((word >> (BITS * (4 * v + 2))) & MASK) * xv[v].z"
-            " + float((word >> (BITS * (4 * v + 3))) & MASK) * xv[v].w;",
+            "  for (int v = 0; v < VPC; v++) {",
+            "    qx += float((word >> (BITS * v)) & MASK) * xv[v];",
             "  }",
             f"  {a} += {scale}(s * qx + b * xsum);",
             "}",
