@@ -317,7 +317,8 @@ class AudioEncoder(nn.Module):
         row = mx.arange(c.attention_chunk_size)[:, None]
         slot = mx.arange(c.context_size)[None, :]
         distance = row + c.max_past - slot  # query position minus key position
-        window = ((distance >= 0) & (distance < c.max_past)) | ((distance < 0) & (-distance < c.attention_context_right))
+        past = (distance >= 0) & (distance < c.max_past)
+        window = past | ((distance < 0) & (-distance < c.attention_context_right))
         return chunk_contexts(valid, c)[:, None, :, None, :] & window
 
     def __call__(self, features: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
@@ -326,15 +327,11 @@ class AudioEncoder(nn.Module):
                 f"audio features must be [batch, frames, mels] with a [batch, frames] mask; "
                 f"got {tuple(features.shape)} and {tuple(mask.shape)}"
             )
-        freq = features.shape[-1]
-        for _ in range(2):
-            freq = -(-freq // 2)
-        channels = self.config.subsampling_conv_channels
-        if freq * channels[1] != self.subsample_conv_projection.input_proj_linear.weight.shape[1]:
+        if -(-features.shape[-1] // 4) != self.config.n_mels // 4:  # frequency bins after two stride-2 convs
             raise ValueError(
                 f"audio features have {features.shape[-1]} mel bins; this audio tower expects {self.config.n_mels}"
             )
-        dtype = self.output_proj.weight.dtype
+        dtype = self.subsample_conv_projection.layer0.conv.weight.dtype  # convolutions are never quantized
         mask = mask.astype(mx.bool_)
         x, mask = self.subsample_conv_projection(features.astype(dtype), mask)
         attention_mask = self.attention_mask(mask)
