@@ -1,0 +1,122 @@
+"""Quantized KV caches in the model: every layer (sliding rings, global layers, KV-shared readers),
+decode equal to prefill, trim/rollback, prompt-cache state, memory, and the KVQuantConfig checks."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_gemma4.model.text as text
+from mlx_gemma4 import load
+from mlx_gemma4.cache import FullCache, SlidingCache
+from mlx_gemma4.presets import preset_config
+from mlx_gemma4.prompt_cache import PromptCache
+from mlx_gemma4.quantized_cache import KVQuantConfig, QuantizedSlidingCache, make_quantized_cache
+
+TQ = KVQuantConfig("turboquant", bits=4, bits_v=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    model, _ = load()
+    model.set_dtype(mx.float32)
+    return model
+
+
+def tokens(n, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(3, 4000, (1, n)), mx.int32)
+
+
+def run_one_by_one(model, ids, cache):
+    return mx.concatenate([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], axis=1)
+
+
+@pytest.mark.parametrize("kv_quant", [TQ, KVQuantConfig("affine", bits=8)], ids=str)
+def test_every_layer_is_quantized_and_decode_matches_prefill(model, kv_quant):
+    ids = tokens(110)
+    cache = model.make_cache(kv_quant=kv_quant)
+    assert all(type(c).__name__.startswith("Quantized") for c in cache)
+    assert any(isinstance(c, QuantizedSlidingCache) for c in cache)
+    prefill = model(ids, cache=model.make_cache(kv_quant=kv_quant))
+    model(ids[:, :90], cache=cache)
+    decode = run_one_by_one(model, ids[:, 90:], cache)  # the rings (95 slots) wrap
+    assert cache[0].offset > cache[0].capacity
+    assert mx.abs(prefill[:, 90:] - decode).max().item() < 2e-3
+
+
+def test_quantized_logits_stay_close_to_the_plain_cache(model):
+    ids = tokens(150, seed=1)
+    plain = mx.softmax(model(ids), axis=-1)
+    for kv_quant, budget in ((KVQuantConfig("turboquant", 4), 0.05), (KVQuantConfig("affine", 8), 0.01)):
+        quantized = mx.softmax(model(ids, cache=model.make_cache(kv_quant=kv_quant)), axis=-1)
+        kl = mx.sum(plain * (mx.log(plain) - mx.log(quantized)), axis=-1).mean().item()
+        assert 0 < kl < budget, (kv_quant, kl)
+
+
+def test_kv_shared_layers_attend_to_the_producers_packed_rows(model, monkeypatch):
+    calls = []
+    original = text.quantized_attention
+    monkeypatch.setattr(text, "quantized_attention", lambda *a, **k: calls.append(a[1].codec) or original(*a, **k))
+    cache = model.make_cache(kv_quant=TQ)
+    model(tokens(5), cache=cache)
+    config = model.config
+    assert len(calls) == config.num_hidden_layers > len(cache)  # shared layers too
+    for spec in config.layers[config.first_kv_shared_layer :]:
+        assert calls[spec.index] is cache[spec.kv_source].key_codec
+
+
+def test_trim_after_the_ring_wrapped_equals_a_fresh_run(model):
+    window = model.config.sliding_window
+    ids, other = tokens(window + 50, seed=2), tokens(4, seed=3)
+    cache = model.make_cache(kv_quant=TQ)
+    model(ids, cache=cache)
+    assert all(c.can_trim(6) for c in cache)
+    for c in cache:
+        c.trim(6)
+    got = run_one_by_one(model, other, cache)
+    fresh = model.make_cache(kv_quant=TQ)
+    model(ids[:, :-6], cache=fresh)
+    want = run_one_by_one(model, other, fresh)
+    assert mx.abs(got - want).max().item() < 2e-3
+
+
+def test_prompt_cache_saves_and_restores_quantized_state(model, tmp_path):
+    saved = PromptCache(model, TQ)
+    ids = tokens(100, seed=4)
+    model(ids, cache=saved.cache)
+    saved.tokens = ids[0].tolist()
+    saved.save(tmp_path / "c.safetensors")
+    restored = PromptCache.load(tmp_path / "c.safetensors", model, TQ)
+    step = tokens(1, seed=5)
+    want = model(step, cache=saved.cache)
+    got = model(step, cache=restored.cache)
+    assert mx.array_equal(got, want).item()
+    with pytest.raises(ValueError, match="KV cache"):
+        PromptCache.load(tmp_path / "c.safetensors", model, KVQuantConfig("turboquant", 3))
+
+
+@pytest.mark.parametrize("preset", ["E2B", "31B"])
+def test_cache_bytes_shrink_over_3_5x_at_4_bits(preset):
+    """Real head dims (256 sliding, 512 global): the arrays a sliding and a global cache hold, against bf16."""
+    config = preset_config(preset)
+    kv_quant = KVQuantConfig("turboquant", 4)
+    plain_bytes = quantized_bytes = 0
+    one_of_each = {spec.layer_type: spec for spec in config.layers[: config.first_kv_shared_layer]}
+    for spec in one_of_each.values():
+        plain = SlidingCache(config.sliding_window) if spec.is_sliding else FullCache()
+        quantized = make_quantized_cache(kv_quant, spec, config.sliding_window)
+        x = mx.random.normal((1, spec.num_kv_heads, 40, spec.head_dim)).astype(mx.bfloat16)
+        for cache in (plain, quantized):
+            mx.eval(cache.update_and_fetch(x, x))
+        plain_bytes += plain.nbytes
+        quantized_bytes += quantized.nbytes
+    assert plain_bytes / quantized_bytes >= 3.5
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="unknown KV quantization"):
+        KVQuantConfig("fp8")
+    with pytest.raises(ValueError, match="bits_v=5"):
+        KVQuantConfig("turboquant", 4, bits_v=5)
+    with pytest.raises(ValueError, match="choose one of 4, 8"):
+        KVQuantConfig("affine", 3)
+    assert str(KVQuantConfig("turboquant", 4, 3)) == "turboquant 4/3"
