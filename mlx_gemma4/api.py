@@ -96,12 +96,14 @@ class LocalModel:
         return self.model.config.max_position_embeddings
 
     def render(self, messages: list[dict], tools: Optional[list] = None, thinking: bool = False) -> str:
+        self._check_loaded()
         return render_chat(self.tokenizer, messages, tools=tools or None, enable_thinking=thinking)
 
     def encode_chat(self, messages: list[dict], tools: Optional[list] = None, thinking: bool = False) -> list[int]:
         return self.tokenizer.encode(self.render(messages, tools, thinking), add_special_tokens=False)
 
     def encode_text(self, text: str) -> list[int]:
+        self._check_loaded()
         return self.tokenizer.encode(text, add_special_tokens=True)
 
     def count_tokens(self, text: Optional[str] = None, messages: Optional[list] = None,
@@ -146,6 +148,10 @@ class LocalModel:
             "audio": bool(getattr(self.model, "has_audio", False)),
             "eos_token_ids": sorted(self.tokenizer.eos_token_ids),
         }
+
+    def _check_loaded(self):
+        if self.model is None:
+            raise RuntimeError(f"{self.name} has been unloaded; load it again")
 
     def unload(self):
         """Stop the worker (cancelling what runs); it drops the weights and caches and returns MLX's memory."""

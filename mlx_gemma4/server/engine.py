@@ -89,6 +89,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopped = False
         self._clear_sessions = threading.Event()
+        self.counts = {"completed": 0, "cancelled": 0, "timed_out": 0, "failed": 0}
         self._loaded = threading.Event()
         self._load_error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._work, args=(load,), name="mlx-gemma4-engine", daemon=True)
@@ -109,7 +110,8 @@ class Engine:
             self._wake.notify()
 
     def stats(self) -> dict:
-        return {"active": len(self._active), "waiting": len(self._waiting), "cached_sessions": len(self.sessions)}
+        return {"active": len(self._active), "waiting": len(self._waiting), "cached_sessions": len(self.sessions),
+                **self.counts}
 
     def clear_sessions(self):
         """Drop the cached conversations (done by the worker, between steps)."""
@@ -165,9 +167,11 @@ class Engine:
     def _leaves(self, job: Job, run: Optional[_Run] = None) -> bool:
         """Emit the end of a cancelled or timed-out job; True if it must leave."""
         if job.cancelled.is_set() or self._stopped:
+            self.counts["cancelled"] += 1
             job.emit(Finished("cancelled", len(job.prompt), run.cached if run else 0, run.generated if run else 0))
             return True
         if time.monotonic() > job.deadline:
+            self.counts["timed_out"] += 1
             job.emit(Failed("timeout", f"the request did not finish within {job.timeout:g} s"))
             return True
         return False
@@ -177,6 +181,7 @@ class Engine:
         try:
             return step()
         except Exception as error:  # noqa: BLE001 - reported to the client as a 500
+            self.counts["failed"] += 1
             job.emit(Failed("internal", f"{type(error).__name__}: {error}"))
             if run is not None:
                 run.cache = None
@@ -213,6 +218,7 @@ class Engine:
         run.generated += 1
         job.emit(self._token(response, job.top_logprobs))
         if response.finish_reason:
+            self.counts["completed"] += 1
             job.emit(Finished(response.finish_reason, len(job.prompt), run.cached, run.generated))
             return True
         return False
