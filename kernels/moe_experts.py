@@ -201,9 +201,11 @@ def run(launch: Launcher, x, indices, weights, gate_up: Packed, down: Packed) ->
 
 
 def float32_reference(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
-    """The reference on the same values in float32 throughout (the kernels' precision)."""
-    as32 = [Packed(w.dense().astype(mx.float32)) for w in (gate_up, down)]
-    return reference(x.astype(mx.float32), indices, weights, *as32)
+    """The reference on the same values in float32 throughout (the kernels' precision), on the CPU: a GPU
+    may multiply float32 in TF32."""
+    with mx.stream(mx.cpu):
+        as32 = [Packed(w.dense().astype(mx.float32)) for w in (gate_up, down)]
+        return reference(x.astype(mx.float32), indices, weights, *as32)
 
 
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-3, mx.bfloat16: 2e-2}  # relative to the output's max

@@ -204,7 +204,13 @@ def random_packed(shape, bits: int, group_size: int, dtype, key) -> Packed:
 
 def mismatch(got, x, proj: Packed, scale, per_expert_scale, top_k: int, eps: float) -> Optional[str]:
     """What differs between kernel routing `got` and the reference computed in float32 on the same
-    values (the kernel's precision); None when the expert sets agree and weights are within 1e-4."""
+    values (the kernel's precision), on the CPU (a GPU may multiply float32 in TF32); None when the expert
+    sets agree and weights are within 1e-4."""
+    with mx.stream(mx.cpu):
+        return _mismatch(got, x, proj, scale, per_expert_scale, top_k, eps)
+
+
+def _mismatch(got, x, proj: Packed, scale, per_expert_scale, top_k: int, eps: float) -> Optional[str]:
     as32 = Packed(*[a if a.dtype == mx.uint32 else a.astype(mx.float32) for a in proj.arrays],
                   bits=proj.bits, group_size=proj.group_size) if proj.quantized else Packed(proj.weight.astype(mx.float32))
     want = reference(x.astype(mx.float32), as32, scale.astype(mx.float32), per_expert_scale, top_k, eps)
