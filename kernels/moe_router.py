@@ -142,7 +142,7 @@ def supports(x, proj: Packed, scale, per_expert_scale, top_k: int) -> bool:
         kernel_supports(proj)
         and proj.n == hidden
         and hidden % (4 * 32) == 0
-        and hidden * 16 <= 16384  # the staged x (float) within threadgroup memory, with room to spare
+        and hidden * 4 <= 16384  # the staged x (float32) within half of Apple's 32 KiB threadgroup memory
         and experts % 32 == 0
         and 0 < top_k <= experts
         and x.dtype == scale.dtype
