@@ -59,3 +59,19 @@ def test_quantized_experts_read_in_their_format():
     assert (weight.bits, weight.group_size, weight.weight.dtype) == (4, 64, mx.uint32)
     x = mx.random.normal((1, 2, HIDDEN), key=mx.random.key(0))
     np.testing.assert_allclose(np.array(experts(x, *router(x)))[0], by_hand(router, experts, x), atol=2e-5, rtol=1e-4)
+
+
+def test_kernels_take_the_26b_a4b_shapes():
+    """The decode kernels' `supports` accepts 26B-A4B's real block (else the GPU silently runs the reference)."""
+    from mlx_gemma4.kernels import moe_experts, moe_router
+    from mlx_gemma4.kernels.moe_weights import Packed
+
+    def q(shape, bits):
+        return Packed(mx.zeros((*shape[:-1], shape[-1] * bits // 32), mx.uint32), mx.zeros((*shape[:-1], shape[-1] // 64)),
+                      mx.zeros((*shape[:-1], shape[-1] // 64)), bits, 64)
+
+    x = mx.zeros((1, 1, 2816))
+    assert moe_router.supports(x, q((128, 2816), 8), mx.ones((2816,)), mx.ones((128,)), 8)
+    indices, weights = mx.zeros((1, 1, 8), mx.uint32), mx.zeros((1, 1, 8))
+    assert moe_experts.supports(x, indices, weights, q((128, 1408, 2816), 4), q((128, 2816, 704), 4))
+    assert not moe_experts.supports(mx.zeros((1, 9, 2816)), indices, weights, q((128, 1408, 2816), 4), q((128, 2816, 704), 4))
