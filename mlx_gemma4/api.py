@@ -33,7 +33,7 @@ def load(path_or_repo: str = str(BUNDLED_MODEL), progress: Optional[Progress] = 
     """Load a model folder or hub id; `progress(fraction, stage)` is called as the weights arrive.
 
     Loading runs on the engine's worker thread (it owns every MLX array); `engine_options` reach
-    `Engine` (max_active, max_queue, cached_sessions, prefill_step).
+    `Engine` (max_active, max_queue, cached_sessions, prefill_step, kv_quant).
     """
     engine = Engine(lambda: load_weights(path_or_repo, progress), **engine_options)
     return LocalModel(engine, name or Path(str(path_or_repo)).name, str(path_or_repo))

@@ -465,3 +465,20 @@ def test_python_api_progress_cancel_count_info_unload():
     assert local.engine.stats()["active"] == 0
     with pytest.raises(RuntimeError, match="unloaded"):
         local.chat([{"role": "user", "content": "hi"}])
+
+
+def test_quantized_kv_cache_server_matches_direct_generation():
+    from mlx_gemma4 import KVQuantConfig
+
+    kv_quant = KVQuantConfig("affine", bits=8)
+    local = load(kv_quant=kv_quant)
+    url, stop = serve(local)
+    try:
+        reply = chat(client(url), PROMPTS[3])
+        ids = local.encode_chat([{"role": "user", "content": PROMPTS[3]}])
+        expected = "".join(p.text for p in stream_generate(local.model, local.tokenizer, ids, max_tokens=24,
+                                                           sampling=SamplingParams(temperature=0), kv_quant=kv_quant))
+        assert reply.choices[0].message.content == expected.strip()
+    finally:
+        stop()
+        local.unload()

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 from .. import BUNDLED_MODEL
+from ..cli import kv_quant_from
+from ..quantized_cache import SCHEMES
 
 
 def main(argv=None):
@@ -20,10 +22,14 @@ def main(argv=None):
     parser.add_argument("--cached-sessions", type=int, default=4, help="conversations whose prompt caches are kept")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all")
     parser.add_argument("--max-images", type=int, default=8, help="images per request")
+    parser.add_argument("--kv-quant", choices=SCHEMES, default="none", help="KV-cache quantization on every layer")
+    parser.add_argument("--kv-bits", type=int, default=4, help="KV-cache bits (keys; values too unless --kv-bits-v)")
+    parser.add_argument("--kv-bits-v", type=int, help="KV-cache bits of the values")
     args = parser.parse_args(argv)
     if args.allowed_media_dir is not None and not args.allowed_media_dir.is_dir():
         parser.error(f"--allowed-media-dir {args.allowed_media_dir} is not a folder")
     try:
+        kv_quant = kv_quant_from(args)  # bad bits fail before the model loads
         import uvicorn
 
         from ..api import load
@@ -31,7 +37,7 @@ def main(argv=None):
         from .media import MediaPolicy
 
         lm = load(args.model, name=args.model_name, progress=_progress, max_active=args.max_active,
-                  max_queue=args.max_queue, cached_sessions=args.cached_sessions)
+                  max_queue=args.max_queue, cached_sessions=args.cached_sessions, kv_quant=kv_quant)
     except ImportError as error:
         print(f"mlx_gemma4.server: error: {error}; install the server extra: pip install 'mlx-gemma4[server]'", file=sys.stderr)
         sys.exit(1)

@@ -80,10 +80,11 @@ class _Run:
 
 class Engine:
     def __init__(self, load: Callable[[], tuple], max_active: int = 8, max_queue: int = 64, cached_sessions: int = 4,
-                 prefill_step: int = 256):
-        """`load()` returns (model, tokenizer); it runs on the worker thread, and its errors raise here."""
+                 prefill_step: int = 256, kv_quant=None):
+        """`load()` returns (model, tokenizer); it runs on the worker thread, and its errors raise here.
+        `kv_quant` (quantized_cache.KVQuantConfig) quantizes every request's KV cache."""
         self.max_active, self.max_queue, self.prefill_step = max_active, max_queue, prefill_step
-        self._cached_sessions = cached_sessions
+        self._cached_sessions, self._kv_quant = cached_sessions, kv_quant
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[_Run] = []
         self._wake = threading.Condition()
@@ -133,7 +134,7 @@ class Engine:
     def _work(self, load: Callable[[], tuple]):
         try:
             self.model, self.tokenizer = load()
-            self.sessions = SessionPool(self.model, self._cached_sessions)
+            self.sessions = SessionPool(self.model, self._cached_sessions, self._kv_quant)
         except BaseException as error:  # noqa: BLE001 - re-raised by the constructor
             self._load_error = error
             return

@@ -19,9 +19,10 @@ def reusable(entry: PromptCache, prompt: list[int]) -> int:
 
 
 class SessionPool:
-    def __init__(self, model, capacity: int):
+    def __init__(self, model, capacity: int, kv_quant=None):
         self.model = model
         self.capacity = capacity
+        self.kv_quant = kv_quant  # quantized_cache.KVQuantConfig of new caches; None: bf16
         self._idle: OrderedDict[int, PromptCache] = OrderedDict()  # least recently used first
 
     def checkout(self, prompt: list[int]) -> PromptCache:
@@ -36,7 +37,7 @@ class SessionPool:
             if keep > best_keep and 2 * keep >= len(entry.tokens):
                 best, best_keep = key, keep
         if best is None:
-            return PromptCache(self.model)
+            return PromptCache(self.model, self.kv_quant)
         return self._idle.pop(best)
 
     def checkin(self, entry: PromptCache):
