@@ -23,7 +23,7 @@ from . import BUNDLED_MODEL
 from . import load as load_checkpoint
 from .chat import Event, OutputParser, render_chat
 from .generate import SamplingParams
-from .server.engine import Engine, Failed, Finished, Job, Token
+from .server.engine import Engine, Failed, Finished, Job
 
 Progress = Callable[[float, str], None]
 
