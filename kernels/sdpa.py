@@ -3,8 +3,8 @@ kernels where they are faster on a GPU.
 
 MLX's fused attention covers neither head_dim 512 nor (on CUDA) 256, so Gemma 4 attention runs unfused
 there. Decode steps go to decode_attention; prefill chunks whose mask is "causal" or a CausalMask
-(rules, no L×S array) go to prefill_attention at the head dims in PREFILL_HEAD_DIMS. Everything else,
-and every call on the CPU, stays with MLX's built-in op.
+(rules, no L×S array) go to prefill_attention at the head dims in PREFILL_HEAD_DIMS (none yet: it is
+slower than MLX). Everything else, and every call on the CPU, stays with MLX's built-in op.
 """
 
 from typing import Union
@@ -20,10 +20,10 @@ from .kernel import backend
 # Measured on an H100 (benchmarks/results/attention.md): with a single kv head serving 8 query heads
 # (E2B's layout), MLX's unfused path overtakes the decode kernel beyond ~16K keys.
 SINGLE_KV_HEAD_MAX_KEYS = 16384
-# Not yet measured: MLX has no fused prefill attention at d=512 on any backend (its fallback
-# materialises B·HQ·L·S scores), while at d=256 it may have one; benchmarks/attention.py --prefill
-# measures both.
-PREFILL_HEAD_DIMS = (512,)
+# Measured on an H100 (benchmarks/results/attention_prefill.md): the prefill kernel (FMA, no tensor
+# cores) runs at 0.03-0.37x of MLX's unfused matmul path at d=512 and 0.37-0.87x at d=256, so no head
+# dim routes to it until a tensor-core body beats MLX.
+PREFILL_HEAD_DIMS = ()
 
 
 def scaled_dot_product_attention(
