@@ -17,7 +17,8 @@ placed in the mantissa of 2^(23 - s), s its bit offset, reads as 2^(23 - s) + co
 reduce the lanes at the end.
 
 Prefill (many rows) is compute-bound: on CUDA, dequantizing the weight into a transient dense matrix
-and calling the dense matmul beats MLX's quantized matmul (`dequantized_matmul`). `DISPATCH` says
+and calling the dense matmul beats MLX's quantized matmul (`dequantized_matmul`; on an H100 at 2048
+rows, ~470 against ~130 TFLOP/s as measured for the project's issue). `DISPATCH` says
 which path serves how many rows on each backend; `MLX_GEMMA4_QUANTIZED_MATMUL` overrides it.
 """
 
@@ -205,7 +206,9 @@ def gemv(launch: Launcher, x, w, scales, biases, group_size: int, bits: int) -> 
 
 
 # The dispatch table: which path serves a matmul of `rows` activation rows on each backend, as
-# (most rows, path) in increasing order. CUDA from H100 measurements (benchmarks/quantized_matmul.py).
+# (most rows, path) in increasing order. CUDA: the GEMV up to its 8 rows; the dequantize threshold (32)
+# is an estimate (4.5 bytes moved per weight against MLX's 0.5 at a fraction of bandwidth) until
+# benchmarks/quantized_matmul.py's crossover rows on an H100 set it.
 # Metal: MLX's own everywhere; its quantized GEMV is near bandwidth on Apple GPUs and nothing here can
 # time ours there (force ours with the environment variable to compare on a Mac).
 INF = math.inf
