@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .prompt_cache import PromptCache
@@ -71,8 +72,13 @@ class SamplingParams:
         )
 
 
-def prefill(model, tokens: mx.array, cache: list, step: int = DEFAULT_PREFILL_STEP) -> mx.array:
-    """Run the prompt through the model in chunks; logits of the last position, [1, vocab]."""
+def prefill(model, tokens: mx.array, cache: list, step: int = DEFAULT_PREFILL_STEP, media=None) -> mx.array:
+    """Run the prompt through the model in chunks; logits of the last position, [1, vocab].
+
+    With `media` (processing.prepare_inputs) the multimodal model embeds it and keeps each media span
+    inside one chunk."""
+    if media:
+        return model.run_prompt(np.array(tokens), media, cache, step)
     for start in range(0, tokens.size - 1, step):
         chunk = tokens[start : min(start + step, tokens.size - 1)]
         model(chunk[None], cache=cache, logits_to_keep=1)
@@ -87,6 +93,7 @@ def generate_step(
     sampler: Callable,
     processors: Sequence[Callable] = (),
     prefill_step: int = DEFAULT_PREFILL_STEP,
+    media=None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs) forever; the next step is computed while the caller handles this one."""
     history = prompt
@@ -100,7 +107,7 @@ def generate_step(
         history = mx.concatenate([history, token]) if processors else history
         return token, logprobs
 
-    token, logprobs = sample(prefill(model, prompt, cache, prefill_step).astype(mx.float32))
+    token, logprobs = sample(prefill(model, prompt, cache, prefill_step, media).astype(mx.float32))
     mx.async_eval(token, logprobs)
     while True:
         next_token, next_logprobs = sample(model(token[None], cache=cache)[:, -1, :].astype(mx.float32))
@@ -131,8 +138,25 @@ def stream_generate(
     return_logprobs: bool = False,
     kv_quant: Optional[KVQuantConfig] = None,  # quantizes the KV cache of a new prompt cache
     prefill_step: int = DEFAULT_PREFILL_STEP,
+    images: Sequence = (),
+    audio: Sequence = (),
+    videos: Sequence = (),
+    image_tokens: Optional[int] = None,
+    media=None,
 ) -> Iterator[GenerationResponse]:
-    """Stream a completion of `prompt` (text, or token ids) until EOS, a stop string or max_tokens."""
+    """Stream a completion of `prompt` (text, token ids, or with media chat messages) until EOS, a stop
+    string or max_tokens.
+
+    `images`, `audio`, `videos`: paths, URLs or bytes, placed at the prompt's `<|image|>`... markers
+    (first when it has none); `image_tokens`: the soft-token budget per image (70/140/280/560/1120).
+    Or pass token ids with their `media` from processing.prepare_inputs.
+    """
+    if images or audio or videos or isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        from .processing import prepare_inputs
+
+        prompt, media = prepare_inputs(model, tokenizer, prompt, images, audio, videos, image_tokens)
+    if media:  # placeholder ids do not identify the media: a prompt with media never reuses a cache
+        prompt_cache = PromptCache(model)
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, add_special_tokens=not prompt.startswith(tokenizer.bos_token or "\0"))
     if not len(prompt):
@@ -151,7 +175,7 @@ def stream_generate(
     text, sent = "", 0
     start = time.perf_counter()
     steps = generate_step(model, mx.array(remaining, dtype=mx.int32), cache, sampling.sampler(),
-                          sampling.processors(), prefill_step)
+                          sampling.processors(), prefill_step, media)
     prompt_time = None
     for n, (token, logprobs) in enumerate(steps, start=1):
         if prompt_time is None:

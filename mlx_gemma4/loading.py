@@ -2,7 +2,7 @@
 
 Accepted layouts (all normalised to our names, see `canonical_name`):
 - transformers `Gemma4ForCausalLM` (`model.layers.*`) and `Gemma4ForConditionalGeneration`
-  (`model.language_model.*`, towers skipped on the text path);
+  (`model.language_model.*`; its vision/audio towers make the multimodal wrapper, model/gemma4.py);
 - mlx-lm and mlx-vlm conversions (`language_model.model.*`, experts split as `switch_glu.*`),
   quantized or not, with their `quantization` config block.
 """
@@ -28,6 +28,7 @@ MULTIMODAL_PREFIXES = (
     "multi_modal_projector.",
     "vision_embedder.",
 )
+TOWER_PREFIXES = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.")
 SHARED_KV_WEIGHTS = ("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.", "self_attn.v_norm.")
 PLE_TABLE = "model.embed_tokens_per_layer.weight"
 PLE_SCALES = "model.embed_tokens_per_layer.scales"
@@ -173,6 +174,34 @@ def check_shapes(model: nn.Module, weights: dict, origin: dict):
         raise LoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
 
 
+def tower_weights(weights: dict, origin: dict) -> tuple[dict, dict]:
+    """Vision/audio tower and projector tensors under the wrapper's names (`vision_tower.*`, ...):
+    transformers stores them under `model.`, mlx-vlm at the top level."""
+    towers, tower_origin = {}, {}
+    for name, value in weights.items():
+        bare = name.removeprefix("model.")
+        if bare.startswith(TOWER_PREFIXES):
+            towers[bare], tower_origin[bare] = value, origin[name]
+    return towers, tower_origin
+
+
+def build_model(raw: dict, config: TextConfig, towers: dict) -> Model:
+    """The multimodal wrapper when the checkpoint holds a tower its config describes, else the text model."""
+    from .model.gemma4 import Model as MultimodalModel, MultimodalConfig
+
+    def holds(*prefixes):
+        return any(name.startswith(prefixes) for name in towers)
+
+    vision = bool(raw.get("vision_config")) and holds("vision_tower.", "embed_vision.")
+    audio = bool(raw.get("audio_config")) and holds("audio_tower.", "embed_audio.")
+    if not (vision or audio):
+        return Model(config)
+    try:
+        return MultimodalModel(MultimodalConfig.from_dict(raw, vision=vision, audio=audio))
+    except ConfigError as error:
+        raise LoadError(f"config.json: {error}") from error
+
+
 def load_model(path_or_repo: str, lazy: bool = False, map_ple: bool = True) -> Model:
     """Build the model described by the folder's config.json and load its weights.
 
@@ -185,8 +214,17 @@ def load_model(path_or_repo: str, lazy: bool = False, map_ple: bool = True) -> M
         config = TextConfig.from_dict(raw)
     except ConfigError as error:
         raise LoadError(f"{path / 'config.json'}: {error}") from error
-    model = Model(config)
-    weights, origin = sanitize(*read_weights(weight_files(path)), config)
+    all_weights, all_origin = read_weights(weight_files(path))
+    towers, tower_origin = tower_weights(all_weights, all_origin)
+    model = build_model(raw, config, towers)
+    weights, origin = sanitize(all_weights, all_origin, config)
+    if getattr(model, "has_audio", False):  # transformers' channels-first convolutions -> MLX layout
+        audio = model.audio_tower.sanitize({k.removeprefix("audio_tower."): v for k, v in towers.items()
+                                            if k.startswith("audio_tower.")})  # fmt: skip
+        towers.update({f"audio_tower.{k}": v for k, v in audio.items()})
+    for name, value in towers.items():
+        if name.split(".")[0] in model.children():
+            weights[name], origin[name] = value, tower_origin[name]
     quantization = raw.get("quantization")
     if quantization:
         quantize_like_checkpoint(model, quantization, weights, config)

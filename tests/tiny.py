@@ -75,7 +75,7 @@ VARIANTS = {
 }
 
 
-def randomize_(model, seed: int):
+def randomize_(model, seed: int, scale: float = 0.15):
     """transformers initialises norms to 1 and scalars to 1; random values make parity bite."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def randomize_(model, seed: int):
             elif name.endswith("layer_scalar"):
                 param.copy_(0.5 + torch.rand(param.shape, generator=gen))
             else:
-                param.copy_(0.15 * torch.randn(param.shape, generator=gen))
+                param.copy_(scale * torch.randn(param.shape, generator=gen))
         for name, buf in model.named_buffers():
             if name.endswith("layer_scalar"):
                 buf.copy_(0.5 + torch.rand(buf.shape, generator=gen))
@@ -127,4 +127,38 @@ def save_tokenizer(folder: Path, vocab_size: int = 96) -> Path:
         tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
     fast.save_pretrained(folder)
+    return folder
+
+
+# Multimodal: tiny vision (and audio) towers next to a text variant. Token ids sit inside the tiny
+# vocabulary (the real ones, 255999..258884, do not), in transformers' Gemma4Config fields.
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+              position_embedding_size=256, standardize=True)  # fmt: skip
+AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[8, 4],
+             output_proj_dims=32, attention_chunk_size=4, attention_context_left=5)  # fmt: skip
+MEDIA_TOKENS = dict(boa_token_id=86, eoa_token_index=87, boi_token_id=88, eoi_token_id=89, image_token_id=90,
+                    audio_token_id=91, video_token_id=92)  # fmt: skip
+
+
+def save_multimodal(variant: str, folder: Path, seed: int = 0, vision=None, audio=None, scale: float = 0.1,
+                    **text_overrides) -> Path:
+    """A random tiny Gemma4ForConditionalGeneration (towers given as config dicts, None for none) and a tokenizer.
+
+    Weights are a little smaller than save_causal_lm's: media prompts run 100+ tokens, and float32 noise
+    in the random decoder grows with length past 1e-4 at 0.15 (text-only prompts included)."""
+    torch.manual_seed(seed)
+    config = transformers.Gemma4Config(
+        text_config={**VARIANTS[variant], **text_overrides}, vision_config=vision, audio_config=audio, **MEDIA_TOKENS
+    )
+    model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    randomize_(model, seed, scale)
+    with torch.no_grad():  # standardize buffers are not parameters; give them values that matter
+        for name, buf in model.named_buffers():
+            if name.endswith("std_bias"):
+                buf.copy_(0.1 * torch.randn(buf.shape))
+            elif name.endswith("std_scale"):
+                buf.copy_(0.5 + torch.rand(buf.shape))
+    model.save_pretrained(folder)
+    save_tokenizer(folder, VARIANTS[variant]["vocab_size"])
     return folder

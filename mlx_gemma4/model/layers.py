@@ -83,15 +83,21 @@ def attention_mask(
     key_positions: np.ndarray,
     window: Optional[int],
     left_padding: Optional[np.ndarray],
+    blocks: Optional[np.ndarray] = None,
 ) -> mx.array:
     """Boolean mask [B or 1, 1, query_len, keys]: causal, inside the window, not padding, not empty.
 
     Built on the host from cache bookkeeping. A padding query still sees itself, so its (discarded)
-    row never becomes all -inf.
+    row never becomes all -inf. `blocks` [query_len] numbers the queries' image spans (-1: text);
+    a query also sees the later keys of its own span (spans lie whole inside the queries).
     """
     q = np.arange(query_start, query_start + query_len)[:, None]
     k = key_positions[None, :]
     mask = (k <= q) & (k >= 0)
+    if blocks is not None:
+        inside = (k >= query_start) & (k < query_start + query_len)
+        key_blocks = np.where(inside, blocks[np.clip(k - query_start, 0, query_len - 1)], -1)
+        mask |= (key_blocks == blocks[:, None]) & (blocks[:, None] >= 0)
     if window is not None:
         mask &= k > q - window
     if left_padding is None:

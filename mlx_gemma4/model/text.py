@@ -122,14 +122,28 @@ class TextModel(nn.Module):
         projected = self.per_layer_projection_norm(projected.reshape(shape))
         return (projected + rows.reshape(shape).astype(projected.dtype)) * (2.0**-0.5)
 
-    def __call__(self, inputs: mx.array, cache: list, logits_to_keep: int = 0) -> mx.array:
-        config = self.config
+    def embed(self, inputs: mx.array) -> mx.array:
         h = self.embed_tokens(inputs)
-        h = h * mx.array(math.sqrt(config.hidden_size), h.dtype)
+        return h * mx.array(math.sqrt(self.config.hidden_size), h.dtype)
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: list,
+        logits_to_keep: int = 0,
+        embeddings: Optional[mx.array] = None,
+        vision_blocks: Optional[np.ndarray] = None,
+    ) -> mx.array:
+        """`embeddings` replace the token embeddings (multimodal prompts: soft tokens at the placeholders,
+        whose `inputs` ids are then the pad id, as the per-layer embeddings look them up);
+        `vision_blocks` [L] numbers each image's tokens (-1 for others): they attend to each other
+        both ways on sliding layers."""
+        config = self.config
+        h = self.embed(inputs) if embeddings is None else embeddings
         per_layer = self.per_layer_inputs(inputs, h) if config.has_ple else None
         length = inputs.shape[1]
         offset = cache[0].offset
-        masks = self._masks(cache, length)
+        masks = self._masks(cache, length, vision_blocks)
         kv = {}
         for spec, layer in zip(config.layers, self.layers):
             if spec.index == config.first_kv_shared_layer and 0 < logits_to_keep < h.shape[1]:
@@ -148,14 +162,16 @@ class TextModel(nn.Module):
             )
         return self.norm(h)
 
-    def _masks(self, cache: list, length: int) -> dict:
+    def _masks(self, cache: list, length: int, vision_blocks: Optional[np.ndarray] = None) -> dict:
         masks = {}
         for spec in self.config.layers:
             if spec.layer_type in masks or not spec.owns_kv:
                 continue
             layer_cache = cache[spec.index]
             window = self.config.sliding_window if spec.is_sliding else None
-            if layer_cache.left_padding is None and layer_cache.covers_window(length, window):
+            # Bidirectional image spans on sliding layers only, as transformers does for Gemma 4.
+            blocks = vision_blocks if spec.is_sliding else None
+            if blocks is None and layer_cache.left_padding is None and layer_cache.covers_window(length, window):
                 masks[spec.layer_type] = "causal" if length > 1 else None
             else:
                 masks[spec.layer_type] = attention_mask(
@@ -164,6 +180,7 @@ class TextModel(nn.Module):
                     layer_cache.key_positions(length),
                     window,
                     layer_cache.left_padding,
+                    blocks,
                 )
         return masks
 
@@ -178,11 +195,13 @@ class Model(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: Optional[list] = None, logits_to_keep: int = 0) -> mx.array:
-        """`logits_to_keep` > 0 computes the head only for that many last positions (prefill)."""
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None, logits_to_keep: int = 0, **multimodal) -> mx.array:
+        """`logits_to_keep` > 0 computes the head only for that many last positions (prefill).
+
+        `multimodal`: `embeddings`, `vision_blocks` of a multimodal prompt chunk (see TextModel)."""
         if cache is None:
             cache = self.make_cache()
-        h = self.model(inputs, cache, logits_to_keep)
+        h = self.model(inputs, cache, logits_to_keep, **multimodal)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if self.config.tie_word_embeddings:
