@@ -1,0 +1,165 @@
+"""TurboQuant kernels on the verification ladder: the Metal source of every configuration the presets
+use type-checks and lints (rung a); the encode kernel gives the reference's rows bit for bit and the
+fused decode attention matches its reference on the emulator (rung b), shuffled schedules included;
+planted bugs are caught."""
+
+import dataclasses
+import functools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import metal_check
+import metal_emu
+from metal_source import capture
+from mlx_gemma4.kernels import tq_attention, tq_encode
+from mlx_gemma4.turboquant.codec import TurboQuantCodec
+
+pytestmark = pytest.mark.skipif(not (metal_check.CLANG and metal_emu.CXX), reason="needs clang-19 and clang++-19")
+
+# (head dim, query heads per kv head) of the presets' layers, as in test_metal_sources
+SHAPES = [(256, 2), (256, 4), (256, 8), (512, 4), (512, 8)]
+
+
+def codecs(dim, k_bits, v_bits):
+    return TurboQuantCodec(dim, k_bits, 10), TurboQuantCodec(dim, v_bits, 11)
+
+
+def attention_case(dim, group, k_bits, v_bits, length, padding=(0, 0), dtype=mx.float32, seed=0):
+    k_codec, v_codec = codecs(dim, k_bits, v_bits)
+    keys = mx.random.split(mx.random.key(seed), 3)
+    q = mx.random.normal((2, 2 * group, 1, dim), key=keys[0]).astype(dtype)
+    k = k_codec.encode(mx.random.normal((2, 2, length, dim), key=keys[1]).astype(dtype))
+    v = v_codec.encode(mx.random.normal((2, 2, length, dim), key=keys[2]).astype(dtype))
+    mask = mx.arange(length)[None] >= mx.array(padding)[:, None]
+    return q, k, v, k_codec, v_codec, mask
+
+
+def attention_error(case, launch=metal_emu.run, scale=1.0):
+    q, k, v, k_codec, v_codec, mask = case
+    got = tq_attention.attend(launch, q, k, v, k_codec, v_codec, scale, mask)
+    want = tq_attention.reference(q, k, v, k_codec, v_codec, scale, mask[:, None, None])
+    assert got.shape == want.shape and got.dtype == q.dtype
+    return mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
+
+
+@pytest.mark.parametrize("dim", [256, 512])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bf16", "f32"])
+def test_encode_kernel_equals_reference_bit_for_bit(dim, bits, dtype):
+    codec = TurboQuantCodec(dim, bits, 3)
+    x = mx.random.normal((1, 2, 7, dim), key=mx.random.key(bits)).astype(dtype) * 3  # 14 rows: a spare simdgroup
+    got = tq_encode.run(metal_emu.run, x, codec.sign, codec.boundaries, bits)
+    assert mx.array_equal(got, tq_encode.reference(x, codec.sign, codec.boundaries, bits)).item()
+
+
+@pytest.mark.parametrize(
+    "dim,group,k_bits,v_bits,length,padding",
+    [
+        (512, 8, 4, 4, 300, (0, 7)),  # 31B global layers, left padding
+        (512, 4, 4, 3, 131, (0, 0)),
+        (256, 2, 3, 3, 70, (3, 0)),  # 26B sliding layers
+        (256, 8, 2, 4, 200, (0, 0)),  # E2B
+    ],
+)
+def test_decode_attention_matches_reference(dim, group, k_bits, v_bits, length, padding):
+    assert attention_error(attention_case(dim, group, k_bits, v_bits, length, padding)) <= tq_attention.TOLERANCE
+
+
+def test_bf16_queries_and_gemma_scale():
+    case = attention_case(256, 4, 4, 4, 90, dtype=mx.bfloat16)
+    assert attention_error(case) <= 3e-2  # the output is rounded to bf16
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_shuffled_schedule(seed):
+    case = attention_case(512, 8, 4, 3, 150, (0, 5))
+    assert attention_error(case, functools.partial(metal_emu.run, seed=seed)) <= tq_attention.TOLERANCE
+
+
+def test_masked_slots_holding_nan_contribute_nothing():
+    q, k, v, k_codec, v_codec, mask = attention_case(256, 2, 4, 4, 80)
+    v = np.array(v)
+    v[:, :, :5, -1] = np.array([np.nan], np.float32).view(np.uint32)  # NaN norms in masked slots
+    mask = mx.arange(80)[None] >= 5
+    got = tq_attention.attend(metal_emu.run, q, k, mx.array(v), k_codec, v_codec, 1.0, mask)
+    assert not mx.any(mx.isnan(got)).item()
+
+
+def sources(dim, group, k_bits, v_bits, masked) -> list:
+    captured = []
+
+    def record(kernel, **call):
+        captured.append(capture(kernel.build("metal"), **call))
+        return [mx.zeros(s, d) for s, d in zip(call["output_shapes"], call["output_dtypes"])]
+
+    k_codec, v_codec = codecs(dim, k_bits, v_bits)
+    rows = mx.zeros((1, 1, 100, k_codec.words + 1), mx.uint32)
+    v_rows = mx.zeros((1, 1, 100, v_codec.words + 1), mx.uint32)
+    mask = mx.ones((1, 100), mx.bool_) if masked else None
+    tq_attention.attend(record, mx.zeros((1, group, 1, dim)), rows, v_rows, k_codec, v_codec, 1.0, mask)
+    for dtype in (mx.float32, mx.float16, mx.bfloat16):
+        tq_encode.run(record, mx.zeros((3, dim), dtype), k_codec.sign, k_codec.boundaries, k_bits)
+    return captured
+
+
+def test_every_configuration_typechecks_and_lints():
+    configs = [(dim, group, k, v, masked) for dim, group in SHAPES for k, v in ((4, 4), (4, 3), (3, 2))
+               for masked in (True, False)]
+    all_sources = sorted({src for config in configs for src in sources(*config)})
+    errors = [e for e in map(metal_check.check, all_sources) if e]
+    assert not errors, "\n".join(errors)[:4000]
+    assert not [problem for src in all_sources for problem in metal_check.lint(src)]
+
+
+def mutant(kernel, old: str, new: str):
+    assert old in kernel.source, old
+    return dataclasses.replace(kernel, name=kernel.name + "_mutant", source=kernel.source.replace(old, new), _built={})
+
+
+def swapping(replacement):
+    def launch(kernel, **call):
+        return metal_emu.run(replacement if kernel.name + "_mutant" == replacement.name else kernel, **call)
+
+    return launch
+
+
+ENCODE_BUGS = {
+    "missing barrier after a cross-lane stage": ("        threadgroup_barrier(mem_flags::mem_threadgroup);\n    }",
+                                                 "    }"),
+    "3-bit high plane shifted": ("(w - D / 16) * 32", "(w - D / 16) * 32 + 1"),
+}
+
+
+@pytest.mark.parametrize("bug", ENCODE_BUGS)
+def test_planted_encode_bugs_are_caught(bug):
+    old, new = ENCODE_BUGS[bug]
+    codec = TurboQuantCodec(512, 3, 3)
+    x = mx.random.normal((8, 512))
+    got = tq_encode.run(swapping(mutant(tq_encode.encode_kernel, old, new)), x, codec.sign, codec.boundaries, 3)
+    assert not mx.array_equal(got, tq_encode.reference(x, codec.sign, codec.boundaries, 3)).item()
+
+
+ATTENTION_BUGS = {
+    "value codebook read as the key codebook": ("lut[16 + TQ_CODE(v + row, VB", "lut[TQ_CODE(v + row, VB"),
+    "norm word one off": ("k_norm[k_head + key * k_strides[2] + WK]", "k_norm[k_head + key * k_strides[2] + WK - 1]"),
+    "lane owns strided coordinates": ("lane * N + c)];\n                for (int h = 0; h < HPS; h++) {\n                    s[t][h]",
+                                      "c * 32 + lane)];\n                for (int h = 0; h < HPS; h++) {\n                    s[t][h]"),
+    "codebooks loaded without a barrier": ("    threadgroup_barrier(mem_flags::mem_threadgroup);\n\n    const int HQ", "\n    const int HQ"),
+}
+
+
+@pytest.mark.parametrize("bug", ATTENTION_BUGS)
+def test_planted_attention_bugs_are_caught(bug):
+    broken = mutant(tq_attention.partial_kernel, *ATTENTION_BUGS[bug])
+    case = attention_case(256, 4, 4, 3, 100, (0, 3))
+    try:
+        error = attention_error(case, functools.partial(_seeded_swap, broken, seed=3))
+    except metal_emu.EmulatorError:
+        return
+    assert error > tq_attention.TOLERANCE
+
+
+def _seeded_swap(replacement, kernel, seed, **call):
+    return metal_emu.run(replacement if kernel.name + "_mutant" == replacement.name else kernel, seed=seed, **call)
