@@ -109,7 +109,8 @@ PARTIAL = r"""
 #pragma unroll
         for (int t = 0; t < BK; t++) {
             const int key = metal::min(first + t, end - 1);
-            const float norm = k_norm[k_head + key * k_strides[2] + WK];
+            // the norm word through its own view's strides (MLX may have copied the float view)
+            const float norm = k_norm[b * k_norm_strides[0] + kvh * k_norm_strides[1] + key * k_norm_strides[2] + WK];
             for (int h = 0; h < HPS; h++) {
                 s[t][h] = simd_sum(s[t][h]) * norm;
             }
@@ -137,7 +138,8 @@ PARTIAL = r"""
             const int key = metal::min(first + t, end - 1);
             const size_t row = v_head + key * v_strides[2];
             // a masked slot may hold anything, NaN norms included: it contributes nothing
-            const float norm = valid[t] ? v_norm[row + WV] : 0.0f;
+            const size_t norm_at = b * v_norm_strides[0] + kvh * v_norm_strides[1] + key * v_norm_strides[2] + WV;
+            const float norm = valid[t] ? v_norm[norm_at] : 0.0f;
             for (int c = 0; c < N; c++) {
                 const float x = lut[16 + TQ_CODE(v + row, VB, lane * N + c)] * norm;
                 for (int h = 0; h < HPS; h++) {

@@ -120,3 +120,12 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="choose one of 4, 8"):
         KVQuantConfig("affine", 3)
     assert str(KVQuantConfig("turboquant", 4, 3)) == "turboquant 4/3"
+
+
+def test_cli_refuses_bad_kv_bits_in_one_line(capsys):
+    from mlx_gemma4.cli import generate_main
+
+    with pytest.raises(SystemExit) as exit_:
+        generate_main(["--kv-quant", "affine", "--kv-bits", "3", "-p", "hi"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip() == "mlx_gemma4.generate: error: affine KV bits=3: choose one of 4, 8"

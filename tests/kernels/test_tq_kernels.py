@@ -78,6 +78,15 @@ def test_shuffled_schedule(seed):
     assert attention_error(case, functools.partial(metal_emu.run, seed=seed)) <= tq_attention.TOLERANCE
 
 
+def test_cache_views_are_read_through_strides():
+    """Rows a prefix of a longer buffer, as QuantizedFullCache hands them out."""
+    q, k, v, k_codec, v_codec, mask = attention_case(512, 4, 4, 4, 256)
+    k_view, v_view = k[:, :, :203], v[:, :, :203]
+    got = tq_attention.attend(metal_emu.run, q, k_view, v_view, k_codec, v_codec, 1.0, None)
+    want = tq_attention.reference(q, k_view, v_view, k_codec, v_codec, 1.0, None)
+    assert mx.abs(got - want).max().item() <= tq_attention.TOLERANCE
+
+
 def test_masked_slots_holding_nan_contribute_nothing():
     q, k, v, k_codec, v_codec, mask = attention_case(256, 2, 4, 4, 80)
     v = np.array(v)
@@ -143,7 +152,7 @@ def test_planted_encode_bugs_are_caught(bug):
 
 ATTENTION_BUGS = {
     "value codebook read as the key codebook": ("lut[16 + TQ_CODE(v + row, VB", "lut[TQ_CODE(v + row, VB"),
-    "norm word one off": ("k_norm[k_head + key * k_strides[2] + WK]", "k_norm[k_head + key * k_strides[2] + WK - 1]"),
+    "norm word one off": ("key * k_norm_strides[2] + WK]", "key * k_norm_strides[2] + WK - 1]"),
     "lane owns strided coordinates": ("lane * N + c)];\n                for (int h = 0; h < HPS; h++) {\n                    s[t][h]",
                                       "c * 32 + lane)];\n                for (int h = 0; h < HPS; h++) {\n                    s[t][h]"),
     "codebooks loaded without a barrier": ("    threadgroup_barrier(mem_flags::mem_threadgroup);\n\n    const int HQ", "\n    const int HQ"),
