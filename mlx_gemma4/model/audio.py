@@ -253,6 +253,24 @@ class AudioAttention(nn.Module):
         return self.post(out.astype(x.dtype))
 
 
+class DepthwiseCausalConv1d(nn.Module):
+    """Per-channel causal convolution over time, [B, T, C] -> [B, T, C], as a sum of K shifted products
+    (plain ops on every backend; no grouped convolution needed). Weight [C, K, 1] as `nn.Conv1d`'s."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.weight = mx.zeros((channels, kernel_size, 1))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        kernel, length = self.weight.shape[1], x.shape[1]
+        x = mx.pad(x, [(0, 0), (kernel - 1, 0), (0, 0)])
+        taps = self.weight[:, :, 0].astype(x.dtype)
+        out = x[:, :length] * taps[:, 0]
+        for k in range(1, kernel):
+            out = out + x[:, k : k + length] * taps[:, k]
+        return out
+
+
 class LightConv1d(nn.Module):
     """GLU, causal depthwise convolution over time, norm, activation, projection; residual."""
 
@@ -261,18 +279,16 @@ class LightConv1d(nn.Module):
         hidden = config.hidden_size
         self.linear_start = ClippableLinear(config, hidden, hidden * 2)
         self.linear_end = ClippableLinear(config, hidden, hidden)
-        self.depthwise_conv1d = nn.Conv1d(hidden, hidden, config.conv_kernel_size, groups=hidden, bias=False)
+        self.depthwise_conv1d = DepthwiseCausalConv1d(hidden, config.conv_kernel_size)
         self.pre_layer_norm = RMSNorm(hidden, config.rms_norm_eps)
         self.conv_norm = RMSNorm(hidden, config.rms_norm_eps)
         self.act = ACTIVATIONS[config.hidden_act]
         self.clip = config.gradient_clipping
-        self.left_pad = config.conv_kernel_size - 1
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.linear_start(self.pre_layer_norm(x))
         a, b = mx.split(h, 2, axis=-1)
-        h = mx.pad(a * mx.sigmoid(b), [(0, 0), (self.left_pad, 0), (0, 0)])
-        h = self.conv_norm(clip_bound(self.depthwise_conv1d(h), self.clip))
+        h = self.conv_norm(clip_bound(self.depthwise_conv1d(a * mx.sigmoid(b)), self.clip))
         return x + self.linear_end(self.act(h))
 
 
