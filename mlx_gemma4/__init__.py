@@ -7,6 +7,7 @@ from .config import ConfigError, TextConfig
 from .loading import LoadError, load_model, resolve_path
 from .generate import GenerationResponse, SamplingParams, generate, stream_generate
 from .model import Model
+from .processing import prepare_inputs
 from .quantized_cache import KVQuantConfig
 
 
@@ -45,5 +46,6 @@ __all__ = [
     "generate",
     "load",
     "load_model",
+    "prepare_inputs",
     "stream_generate",
 ]

@@ -50,13 +50,21 @@ def chat_prompt(tokenizer, messages: list, thinking: bool) -> str:
 def stream_reply(model, tokenizer, prompt: str, args, prompt_cache=None, raw: bool = False) -> str:
     """Print the answer to stdout as it streams (reasoning to stderr, tool calls as JSON lines).
 
-    `prompt` is a rendered chat prompt (it carries its own <bos>), or raw text when `raw`.
+    `prompt` is a rendered chat prompt (it carries its own <bos>), or raw text when `raw`; media from
+    --image/--audio/--video fill its `<|image|>`... markers.
     Returns the answer's text, which is what the chat history keeps.
     """
-    ids = tokenizer.encode(prompt, add_special_tokens=raw)
+    media = None
+    if getattr(args, "image", None) or getattr(args, "audio", None) or getattr(args, "video", None):
+        from .processing import prepare_inputs
+
+        ids, media = prepare_inputs(model, tokenizer, prompt, args.image or (), args.audio or (), args.video or (),
+                                    args.image_tokens)  # fmt: skip
+    else:
+        ids = tokenizer.encode(prompt, add_special_tokens=raw)
     parser, answer, last = OutputParser.for_prompt(prompt), "", None
     for last in stream_generate(model, tokenizer, ids, max_tokens=args.max_tokens, sampling=sampling_from(args),
-                                prompt_cache=prompt_cache, kv_quant=kv_quant_from(args)):
+                                prompt_cache=prompt_cache, kv_quant=kv_quant_from(args), media=media):
         events = parser.feed(last.text) + (parser.finish() if last.finish_reason else [])
         for event in events:
             if event.kind == "content":
@@ -80,6 +88,11 @@ def generate_main(argv=None):
     add_model_and_sampling_args(parser)
     parser.add_argument("--prompt", "-p", default="Hello", help="the prompt; '-' reads it from stdin")
     parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    parser.add_argument("--image", action="append", help="an image (path or URL) before the prompt; repeatable")
+    parser.add_argument("--audio", action="append", help="an audio clip (path or URL; E2B/E4B); repeatable")
+    parser.add_argument("--video", action="append", help="a video (path or URL; PyAV decodes files, Pillow animated GIF/WebP); repeatable")
+    parser.add_argument("--image-tokens", type=int, choices=(70, 140, 280, 560, 1120),
+                        help="soft tokens per image (default: the checkpoint's, 280); more reads finer detail")
     args = parser.parse_args(argv)
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -87,7 +100,9 @@ def generate_main(argv=None):
         model, tokenizer = load(args.model)
         if not args.no_chat_template:
             messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
-            prompt = chat_prompt(tokenizer, messages + [{"role": "user", "content": prompt}], args.thinking)
+            media = [{"type": kind} for kind in ("image", "audio", "video") for _ in getattr(args, kind) or ()]
+            content = media + [{"type": "text", "text": prompt}] if media else prompt
+            prompt = chat_prompt(tokenizer, messages + [{"role": "user", "content": content}], args.thinking)
         stream_reply(model, tokenizer, prompt, args, raw=args.no_chat_template)
     except (OSError, ValueError, RuntimeError) as error:
         print(f"mlx_gemma4.generate: error: {error}", file=sys.stderr)

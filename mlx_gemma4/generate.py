@@ -156,7 +156,7 @@ def stream_generate(
 
         prompt, media = prepare_inputs(model, tokenizer, prompt, images, audio, videos, image_tokens)
     if media:  # placeholder ids do not identify the media: a prompt with media never reuses a cache
-        prompt_cache = PromptCache(model)
+        prompt_cache = PromptCache(model, kv_quant)
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt, add_special_tokens=not prompt.startswith(tokenizer.bos_token or "\0"))
     if not len(prompt):
