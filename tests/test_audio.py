@@ -339,3 +339,56 @@ def test_flac_through_soundfile(tmp_path):
     loaded = load_audio(tmp_path / "clip.flac")
     assert loaded.shape == (round(3_000 * RATE / 22_050),)
     np.testing.assert_allclose(loaded, resample(clip, 22_050, RATE), atol=1e-5)
+
+
+# ---- full logits through the multimodal wrapper -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def audio_checkpoint(tmp_path_factory):
+    """A tiny E2B-style Gemma4ForConditionalGeneration with the 'left' audio tower (finite clip bounds) and no
+    vision tower, saved with a tokenizer."""
+    from tiny import MEDIA_TOKENS, VARIANTS, save_tokenizer, torch
+
+    torch.manual_seed(0)
+    config = transformers.Gemma4Config(
+        text_config=VARIANTS["e2b"], vision_config=None, audio_config=TOWERS["left"], **MEDIA_TOKENS
+    )
+    model = transformers.Gemma4ForConditionalGeneration(config).eval()
+    randomize_(model, seed=7)
+    folder = tmp_path_factory.mktemp("audio-e2b")
+    model.save_pretrained(folder)
+    save_tokenizer(folder, VARIANTS["e2b"]["vocab_size"])
+    return folder
+
+
+def test_logits_with_two_clips_match_transformers(audio_checkpoint):
+    """Two clips of different lengths in one prompt: transformers pads them into one batch and keeps the
+    real steps; the wrapper runs each alone. Full logits, float32."""
+    from tiny import MEDIA_TOKENS, torch
+
+    from mlx_gemma4 import load
+    from mlx_gemma4.processing import prepare_inputs
+
+    model, tokenizer = load(audio_checkpoint)
+    assert model.has_audio and not model.has_vision
+    clips = [chirp(7_000, seed=3), chirp(3_300, seed=4)]
+    tokens, media = prepare_inputs(model, tokenizer, "w10 <|audio|> w11 w12 <|audio|> w13", audio=clips)
+    extractor = transformers.Gemma4AudioFeatureExtractor(feature_size=TOWERS["left"]["subsampling_conv_channels"][0])
+    batch = extractor(clips, return_tensors="pt")
+    heard = batch["input_features_mask"][:, ::4].sum(dim=1).tolist()
+    assert tokens.count(MEDIA_TOKENS["audio_token_id"]) == sum(heard) and heard[0] != heard[1]
+    assert tokens.count(MEDIA_TOKENS["boa_token_id"]) == tokens.count(MEDIA_TOKENS["eoa_token_index"]) == 2
+
+    oracle_model = transformers.Gemma4ForConditionalGeneration.from_pretrained(audio_checkpoint, dtype=torch.float32)
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        expected = oracle_model.eval()(
+            input_ids=ids,
+            mm_token_type_ids=(ids == MEDIA_TOKENS["audio_token_id"]).long() * 3,
+            input_features=batch["input_features"],
+            input_features_mask=batch["input_features_mask"],
+        ).logits[0].numpy()
+    logits = np.array(model.run_prompt(tokens, media, model.make_cache(), step=16, all_logits=True)[0])
+    assert logits.shape == expected.shape
+    np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
