@@ -118,7 +118,7 @@ def load_video(source, num_frames: int = VIDEO_FRAMES) -> tuple[list, list]:
         raise ValueError(f"{_describe(source)} holds no video frames")
     count = min(num_frames, len(frames))
     indices = np.arange(count) * len(frames) // count  # transformers' default_sample_indices_fn
-    return [frames[i] for i in indices], [i / fps for i in indices]
+    return [frames[i] for i in indices], [int(i) / fps for i in indices]
 
 
 def _decode_animation(data: bytes):

@@ -162,6 +162,27 @@ def test_logits_with_audio_and_image_match_transformers(checkpoints, tmp_path):
     check_logits(model, checkpoints["e2b"], tokens, media, step=16)
 
 
+def test_video_files_decode_and_sample_like_transformers(tmp_path):
+    """An MP4 (PyAV) and an animated GIF (Pillow): 32 frames at most, uniformly sampled, timestamped."""
+    from mlx_gemma4.processing import load_video
+
+    av = pytest.importorskip("av")
+    frames = [(np.random.RandomState(i).rand(48, 64, 3) * 255).astype(np.uint8) for i in range(40)]
+    with av.open(str(tmp_path / "clip.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    sampled, times = load_video(tmp_path / "clip.mp4")
+    assert len(sampled) == 32 and sampled[0].size == (64, 48)
+    assert times == [i * 40 // 32 / 10 for i in range(32)]  # transformers' default_sample_indices_fn
+    make_image(48, 64, 0).save(tmp_path / "anim.gif", save_all=True, duration=250,
+                               append_images=[make_image(48, 64, i) for i in (1, 2)])  # fmt: skip
+    sampled, times = load_video(tmp_path / "anim.gif")
+    assert len(sampled) == 3 and times == [0.0, 0.25, 0.5]
+
+
 def test_generation_with_image_is_greedy_oracle(checkpoints):
     """Decoding after a multimodal prefill continues in text: 4 greedy tokens equal transformers'."""
     from mlx_gemma4 import generate
