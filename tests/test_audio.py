@@ -392,3 +392,24 @@ def test_logits_with_two_clips_match_transformers(audio_checkpoint):
     logits = np.array(model.run_prompt(tokens, media, model.make_cache(), step=16, all_logits=True)[0])
     assert logits.shape == expected.shape
     np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
+
+
+def test_converted_model_answers_audio_prompts_identically(audio_checkpoint, tmp_path):
+    """Show 2 for audio: a float32 conversion gives the same logits bit for bit; an 8-bit one keeps the
+    audio tower, its clip bounds and embed_audio unquantized, so the audio soft tokens are identical."""
+    from mlx_gemma4 import load
+    from mlx_gemma4.convert import convert
+    from mlx_gemma4.loading import load_model
+    from mlx_gemma4.processing import prepare_inputs
+
+    model, tokenizer = load(audio_checkpoint)
+    tokens, media = prepare_inputs(model, tokenizer, "w20 <|audio|> w21", audio=[chirp(5_000, seed=5)])
+    expected = np.array(model.run_prompt(tokens, media, model.make_cache(), all_logits=True))
+    exact = load_model(convert(audio_checkpoint, tmp_path / "f32", dtype="float32"))
+    assert np.array_equal(np.array(exact.run_prompt(tokens, media, exact.make_cache(), all_logits=True)), expected)
+
+    eight = load_model(convert(audio_checkpoint, tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32))
+    assert eight.model.layers[0].self_attn.q_proj.bits == 8
+    bound = eight.audio_tower.layers[0].self_attn.q_proj.input_max
+    assert np.isfinite(bound.item()) and bound.item() == model.audio_tower.layers[0].self_attn.q_proj.input_max.item()
+    assert np.array_equal(np.array(eight.audio_features(media.audio[0])), np.array(model.audio_features(media.audio[0])))
