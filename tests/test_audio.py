@@ -296,7 +296,10 @@ def test_wav_pcm16_stereo_and_float32(tmp_path):
 def test_other_rates_are_resampled(tmp_path):
     """A 1 kHz tone at 44.1 kHz comes back as the same tone at 16 kHz."""
     seconds = 0.5
-    tone = lambda rate: np.sin(2 * np.pi * 1000 * np.arange(int(rate * seconds)) / rate).astype(np.float32)  # noqa: E731
+
+    def tone(rate):
+        return np.sin(2 * np.pi * 1000 * np.arange(int(rate * seconds)) / rate).astype(np.float32)
+
     write_wav(tmp_path / "cd.wav", tone(44_100), 44_100, bits=32)
     loaded = load_audio(tmp_path / "cd.wav")
     assert loaded.shape == (8_000,)
@@ -412,4 +415,5 @@ def test_converted_model_answers_audio_prompts_identically(audio_checkpoint, tmp
     assert eight.model.layers[0].self_attn.q_proj.bits == 8
     bound = eight.audio_tower.layers[0].self_attn.q_proj.input_max
     assert np.isfinite(bound.item()) and bound.item() == model.audio_tower.layers[0].self_attn.q_proj.input_max.item()
-    assert np.array_equal(np.array(eight.audio_features(media.audio[0])), np.array(model.audio_features(media.audio[0])))
+    heard = [np.array(m.audio_features(media.audio[0])) for m in (eight, model)]
+    assert np.array_equal(*heard)
