@@ -40,7 +40,7 @@ def unit_vectors(n, dim, seed=0):
     return x / mx.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("dim", [256, 512])
+@pytest.mark.parametrize("dim", [256, pytest.param(512, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_distortion_within_paper_bounds_and_codebook_mse(dim, bits):
     codec = TurboQuantCodec(dim, bits, seed=5)

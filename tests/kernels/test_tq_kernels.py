@@ -46,7 +46,7 @@ def attention_error(case, launch=metal_emu.run, scale=1.0):
 
 @pytest.mark.parametrize("dim", [256, 512])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, pytest.param(mx.float32, marks=pytest.mark.slow)], ids=["bf16", "f32"])
 def test_encode_kernel_equals_reference_bit_for_bit(dim, bits, dtype):
     codec = TurboQuantCodec(dim, bits, 3)
     x = mx.random.normal((1, 2, 7, dim), key=mx.random.key(bits)).astype(dtype) * 3  # 14 rows: a spare simdgroup
@@ -72,6 +72,7 @@ def test_bf16_queries_and_gemma_scale():
     assert attention_error(case) <= 3e-2  # the output is rounded to bf16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_shuffled_schedule(seed):
     case = attention_case(512, 8, 4, 3, 150, (0, 5))
@@ -141,6 +142,7 @@ ENCODE_BUGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", ENCODE_BUGS)
 def test_planted_encode_bugs_are_caught(bug):
     old, new = ENCODE_BUGS[bug]
@@ -159,6 +161,7 @@ ATTENTION_BUGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bug", ATTENTION_BUGS)
 def test_planted_attention_bugs_are_caught(bug):
     broken = mutant(tq_attention.partial_kernel, *ATTENTION_BUGS[bug])
