@@ -10,8 +10,8 @@ Each marker expands as transformers' Gemma4Processor expands it:
   (default 280), images are resized (aspect ratio kept) by transformers' Pillow image processor;
 - video: for each sampled frame (32 at most, uniformly, as transformers samples them) "mm:ss " +
   <boi> + placeholders + <eoi>, joined by spaces; each frame has its own budget (default 70).
-  Frames are resized with Pillow (transformers' video processor needs torchvision; it resizes
-  with torchvision's antialiased bicubic, which can differ from Pillow's by a grey level or so);
+  Frames are resized by the same Pillow image processor (transformers' video processor needs
+  torchvision and resizes with its antialiased bicubic; the two resizers are not compared here);
 - audio: <boa> + one placeholder per audio soft token + <eoa>.
 Token ids come from the checkpoint's config (`MultimodalConfig.tokens`).
 """
@@ -201,9 +201,13 @@ def prepare_inputs(
     video_frames: int = VIDEO_FRAMES,
     **chat_options: Any,
 ) -> tuple[list[int], Media]:
-    """(prompt token ids, Media) for `model`. Media sources: paths, URLs, data: URLs, bytes (and
-    Pillow images; videos also as lists of frames). `chat_options` reach render_chat (e.g.
-    `enable_thinking`, `tools`) when `prompt` is a list of messages."""
+    """(prompt token ids, Media) for `model`; generate with `stream_generate(model, tokenizer, ids, media=media)`.
+
+    Media sources: paths, URLs, data: URLs, bytes, Pillow images (videos also as lists of frames).
+    With messages, the sources come from their parts (`{"type": "image", "image": src}`,
+    `{"type": "image_url", "image_url": {"url": src}}`, `{"type": "input_audio", "input_audio": {"data":
+    base64}}`, ...) unless given as arguments, which then fill the parts in order. `chat_options`
+    reach render_chat (e.g. `enable_thinking`, `tools`)."""
     config = model.multimodal if hasattr(model, "multimodal") else None
     image_tokens = check_budget(image_tokens or (config.image_budget if config else 280))
     check_budget(video_tokens, "video frame")
@@ -212,9 +216,7 @@ def prepare_inputs(
         from .chat import render_chat
 
         for kind, carried in media_parts(prompt).items():
-            if any(s is not None for s in carried):
-                if sources[kind]:
-                    raise ValueError(f"{kind} inputs come both from the messages and from the {kind} argument")
+            if not sources[kind]:  # inputs given as arguments stand for the parts' sources (a server decodes them first)
                 sources[kind] = carried
         text = render_chat(tokenizer, prompt, **chat_options)
     elif not MARKER_PATTERN.search(prompt):
@@ -224,7 +226,10 @@ def prepare_inputs(
     pieces = MARKER_PATTERN.split(text)
     counts = {kind: pieces.count(marker) for kind, marker in MARKERS.items()}
     for kind, count in counts.items():
-        if count != len(sources[kind]) or any(s is None for s in sources[kind]):
+        if any(s is None for s in sources[kind]):
+            raise ValueError(f"a message's {kind} part names no source; give it one ({{'type': '{kind}', "
+                             f"'{kind}': path_or_url}}) or pass {kind} inputs to prepare_inputs")  # fmt: skip
+        if count != len(sources[kind]):
             raise ValueError(f"the prompt has {count} {MARKERS[kind]} markers but {len(sources[kind])} {kind} inputs")
     if not any(counts.values()):
         return _encode(tokenizer, [text]), Media()

@@ -221,6 +221,20 @@ def test_prompt_layout_and_errors(checkpoints):
     n = media.images[0].soft_tokens(3)
     ids = MEDIA_TOKENS
     assert tokens[:n + 3] == [tokenizer.bos_token_id, ids["boi_token_id"], *[ids["image_token_id"]] * n, ids["eoi_token_id"]]
+    # OpenAI-style parts carry their sources (a data: URL here); arguments given instead fill the parts.
+    import base64
+    import io
+
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    carried = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "w50"}]}]
+    placeholder = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w50"}]}]
+    from_parts, parts_media = prepare_inputs(model, tokenizer, carried, image_tokens=70)
+    assert from_parts == prepare_inputs(model, tokenizer, placeholder, images=[image], image_tokens=70)[0]
+    assert np.array_equal(parts_media.images[0].pixels, media.images[0].pixels)
+    with pytest.raises(ValueError, match="image part names no source"):
+        prepare_inputs(model, tokenizer, placeholder)
     with pytest.raises(ValueError, match="token budget 100"):
         prepare_inputs(model, tokenizer, "w50", images=[image], image_tokens=100)
     with pytest.raises(ValueError, match="2 <\\|image\\|> markers but 1 image"):
