@@ -198,12 +198,13 @@ def test_generation_with_image_is_greedy_oracle(checkpoints):
     expected = out[0, len(tokens):].tolist()
     from mlx_gemma4.generate import SamplingParams, stream_generate
 
-    got = [r.token for r in stream_generate(model, tokenizer, tokens, max_tokens=4, media=media,
-                                            sampling=SamplingParams(temperature=0.0))]  # fmt: skip
-    assert got == expected
-    text = generate(model, tokenizer, "w40 w41", images=[image], image_tokens=70, max_tokens=4,
+    responses = list(stream_generate(model, tokenizer, tokens, max_tokens=4, media=media,
+                                     sampling=SamplingParams(temperature=0.0)))  # fmt: skip
+    assert [r.token for r in responses] == expected
+    # The public API's images= path lays out the same prompt and says the same.
+    text = generate(model, tokenizer, "w40 <|image|> w41", images=[image], image_tokens=70, max_tokens=4,
                     sampling=SamplingParams(temperature=0.0))  # fmt: skip
-    assert isinstance(text, str)
+    assert text == "".join(r.text for r in responses)
 
 
 def test_chunks_never_split_a_media_run():
