@@ -19,6 +19,8 @@ import mlx.nn as nn
 from ..config import ConfigError
 from .layers import RMSNorm, geglu, rms_norm_no_scale
 
+QUERY_BLOCK = 2048
+
 
 @dataclass
 class VisionConfig:
@@ -109,9 +111,13 @@ class VisionAttention(nn.Module):
         queries = rope_2d(self.q_norm(self.q_proj(x).reshape(shape)), cos, sin)
         keys = rope_2d(self.k_norm(self.k_proj(x).reshape(shape)), cos, sin)
         values = rms_norm_no_scale(self.v_proj(x).reshape(shape), self.eps)
-        out = mx.fast.scaled_dot_product_attention(
-            queries.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3), scale=1.0
-        )
+        queries, keys, values = (a.transpose(0, 2, 1, 3) for a in (queries, keys, values))
+        # MLX has no fused attention for head_dim 72 (26B/31B): bound the scores it materialises
+        # (10080 patches at budget 1120) by taking the queries in blocks.
+        out = mx.concatenate([
+            mx.fast.scaled_dot_product_attention(queries[:, :, start : start + QUERY_BLOCK], keys, values, scale=1.0)
+            for start in range(0, length, QUERY_BLOCK)
+        ], axis=2)  # fmt: skip
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
