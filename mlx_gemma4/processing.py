@@ -56,10 +56,18 @@ def read_source(source: Union[str, bytes, Path]) -> bytes:
     return path.read_bytes()
 
 
+def pillow():
+    try:
+        import PIL.Image
+        import PIL.ImageSequence
+    except ImportError as error:
+        raise ValueError("images and video need Pillow: pip install 'mlx-gemma4[vision]'") from error
+    return PIL
+
+
 def load_image(source):
     """An RGB Pillow image from a path, URL, data: URL, bytes or a Pillow image."""
-    from PIL import Image
-
+    Image = pillow().Image
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     try:
@@ -105,8 +113,7 @@ def load_video(source, num_frames: int = VIDEO_FRAMES) -> tuple[list, list]:
     `source`: a video file or URL (decoded with PyAV, `pip install av`), an animated GIF/WebP/PNG
     (Pillow), or a list of frames (Pillow images or arrays, taken as 24 fps).
     """
-    from PIL import Image
-
+    Image = pillow().Image
     if isinstance(source, (list, tuple)):
         frames, fps = [load_image(f) if not isinstance(f, np.ndarray) else Image.fromarray(f).convert("RGB") for f in source], DEFAULT_FPS
     else:
@@ -122,13 +129,12 @@ def load_video(source, num_frames: int = VIDEO_FRAMES) -> tuple[list, list]:
 
 
 def _decode_animation(data: bytes):
-    from PIL import Image, ImageSequence
-
+    PIL = pillow()
     try:
-        image = Image.open(io.BytesIO(data))
+        image = PIL.Image.open(io.BytesIO(data))
     except OSError:
         return None, None
-    frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(image)]
+    frames = [frame.convert("RGB") for frame in PIL.ImageSequence.Iterator(image)]
     duration_ms = image.info.get("duration") or 1000 / DEFAULT_FPS
     return frames, 1000.0 / duration_ms
 
