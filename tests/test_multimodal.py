@@ -268,27 +268,27 @@ def test_text_only_checkpoint_and_text_prompts_unchanged(checkpoints, tmp_path):
     assert np.abs(np.array(model(ids)) - expected).max() <= TOL
 
 
-def test_converted_model_answers_image_prompts_identically(checkpoints, tmp_path):
-    """Show 2: a float32 conversion answers an image prompt exactly as its source (26B style: split
-    experts, bidirectional images); an 8-bit one (E2B style) keeps its vision tower unquantized: the
-    soft tokens are identical, only the decoder's rounding moves the logits (by as much as on a text
-    prompt: this random tiny decoder is sensitive; quant quality is measured on trained weights)."""
+def test_converted_model_answers_image_and_audio_prompts_identically(checkpoints, tmp_path):
+    """Show 2: float32 conversions answer media prompts exactly as their sources (26B style: split experts,
+    bidirectional images; E2B style: image and audio); an 8-bit one keeps its towers unquantized: the
+    soft tokens are identical, only the decoder's rounding moves the logits (this random tiny decoder is
+    sensitive to it; quantization quality is measured on trained weights elsewhere)."""
     from mlx_gemma4.convert import convert
 
-    image = make_image(40, 60, 7)
-    for variant, options in (("26b", dict(dtype="float32")), ("e2b", dict(quantize=True, q_bits=8, q_group_size=32))):
+    image, clip = make_image(40, 60, 7), write_wav(tmp_path / "clip.wav", 0.7, 2)
+    prompts = {"26b": ("w60 <|image|> w61", [image], []), "e2b": ("w60 <|audio|> w61 <|image|>", [image], [clip])}
+    for variant, (prompt, images, audio) in prompts.items():
         model, tokenizer = load(checkpoints[variant])
-        tokens, media = prepare_inputs(model, tokenizer, "w60 <|image|> w61", images=[image], image_tokens=70)
-        expected = ours(model, tokens, media)
-        converted = load_model(convert(checkpoints[variant], tmp_path / variant, **options))
-        got = ours(converted, tokens, media)
-        if variant == "26b":
-            assert np.array_equal(got, expected)
-            continue
-        soft = [np.array(m.image_features(media.images[0])) for m in (converted, model)]
-        assert np.array_equal(*soft)
-        assert np.isfinite(got).all() and not np.array_equal(got, expected)
-        assert converted.model.layers[0].self_attn.q_proj.bits == 8
+        tokens, media = prepare_inputs(model, tokenizer, prompt, images=images, audio=audio, image_tokens=70)
+        converted = load_model(convert(checkpoints[variant], tmp_path / variant, dtype="float32"))
+        assert np.array_equal(ours(converted, tokens, media), ours(model, tokens, media))
+    quantized = load_model(convert(checkpoints["e2b"], tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32))
+    assert quantized.model.layers[0].self_attn.q_proj.bits == 8
+    for ours_, theirs in ((quantized.image_features(media.images[0]), model.image_features(media.images[0])),
+                          (quantized.audio_features(media.audio[0]), model.audio_features(media.audio[0]))):  # fmt: skip
+        assert np.array_equal(np.array(ours_), np.array(theirs))
+    got = ours(quantized, tokens, media)
+    assert np.isfinite(got).all() and not np.array_equal(got, ours(model, tokens, media))
 
 
 def test_cli_end_to_end_with_generated_image_and_audio(checkpoints, tmp_path):
