@@ -12,10 +12,14 @@ A row with no valid key gives zeros.
 
 Two passes, so that long global caches (D=512, up to 256K tokens) spread over the whole GPU:
 1. `decode_attention_partial`: a threadgroup per (sequence, kv head, chunk of keys). Its simdgroups
-   split the G query heads (HPS each) and, when G is small, the chunk's keys (NK ways). A simdgroup
-   walks its keys BK at a time: each lane holds 4·D/128 dims of its heads' queries and outputs,
-   scores are simd_sums, and an online softmax keeps a running max m, sum l and unnormalised output.
-   Every simdgroup writes its (m, l, o) partial; keys and values are read once per kv head.
+   split the G query heads (HPS each, as many as the registers hold) and, when G is small, the chunk's
+   keys (NK ways). A simdgroup walks its keys BK at a time: each lane holds 4·D/128 dims of its heads'
+   queries and outputs, scores are simd_sums, and an online softmax keeps a running max m, sum l and
+   unnormalised output. Every simdgroup writes its (m, l, o) partial. Keys and values are read from
+   device memory once: when several simdgroups serve one kv head's query heads (E2B's 8:1, the global
+   layers' 8:1 and 16:2), the threadgroup stages each step's keys and values in threadgroup memory and
+   they all read them there. (The alternative, simdgroups owning slices of the head dim for all G heads,
+   would repeat every per-head cost, reductions and softmax, once per slice.)
 2. `decode_attention_combine`: a threadgroup per (sequence, query head) rescales the partials to
    their common max and normalises.
 Cache views (FullCache hands out a prefix of a larger buffer) are read in place through strides,
@@ -36,6 +40,14 @@ PARTIAL = r"""
     constexpr int NH = G / HPS;     // simdgroups across the kv head's query heads
     constexpr int DV = D / 128;     // lane l holds dims 128 * j + 4 * l + c, j < DV, c < 4
     constexpr float FLOOR = -1e30f; // running max before any key: finite, so m - m_new is never inf - inf
+    // With several head groups, each step's NK * BK keys and values are staged in threadgroup memory
+    // (as floats: converted once) and every head group reads them there, not from device memory.
+    constexpr bool STAGED = NH > 1;
+    constexpr int TILE = NK * BK * D;  // floats of the staged keys, and as many of the values
+    constexpr int NT = 32 * NH * NK;   // threads
+    static_assert(!STAGED || TILE % (4 * NT) == 0, "each thread stages whole four-float vectors");
+    threadgroup float kv_tile[STAGED ? 2 * TILE : 1];
+    const uint tid = thread_index_in_threadgroup;
     const uint lane = thread_index_in_simdgroup;
     const uint sg = simdgroup_index_in_threadgroup;
     const int HQ = q_shape[1];
@@ -72,12 +84,33 @@ PARTIAL = r"""
         l[h] = 0.0f;
     }
 
-    const size_t k_row = b * k_strides[0] + kvh * k_strides[1] + 4 * lane;
-    const size_t v_row = b * v_strides[0] + kvh * v_strides[1] + 4 * lane;
+    const size_t k_head = b * k_strides[0] + kvh * k_strides[1];
+    const size_t v_head = b * v_strides[0] + kvh * v_strides[1];
     const size_t mask_row = mask_shape[0] > 1 ? b * mask_strides[0] : 0;
-    for (int first = begin + split * BK; first < end; first += NK * BK) {
-        // BK keys' scores. Every load is issued before the first reduction, so that they overlap:
-        // keys past `end` re-read the last key (in bounds) and, like masked keys, count as invalid.
+    // Every simdgroup takes the same steps (barriers); keys past `end` re-read the last key (in bounds)
+    // and, like masked keys, count as invalid.
+    for (int step = begin; step < end; step += NK * BK) {
+        if (STAGED) {
+            threadgroup_barrier(mem_flags::mem_threadgroup);  // every head group is done with the last tile
+#pragma unroll
+            for (int r = 0; r < TILE / (4 * NT); r++) {
+                const int at = 4 * (r * NT + tid);  // tile row at / D (key step + row), dim at % D
+                const int key = metal::min(step + at / D, end - 1);
+                const f32x4 x = load4(k + k_head + key * k_strides[2] + at % D);
+                const f32x4 y = load4(v + v_head + key * v_strides[2] + at % D);
+                kv_tile[at] = x.x;
+                kv_tile[at + 1] = x.y;
+                kv_tile[at + 2] = x.z;
+                kv_tile[at + 3] = x.w;
+                kv_tile[TILE + at] = y.x;
+                kv_tile[TILE + at + 1] = y.y;
+                kv_tile[TILE + at + 2] = y.z;
+                kv_tile[TILE + at + 3] = y.w;
+            }
+            threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+        const int first = step + split * BK;
+        // BK keys' scores. Every load is issued before the first reduction, so that they overlap.
         float s[BK][HPS];  // scores, then softmax weights
         bool valid[BK];
 #pragma unroll
@@ -88,7 +121,9 @@ PARTIAL = r"""
                 s[t][h] = 0.0f;
             }
             for (int j = 0; j < DV; j++) {
-                f32x4 x = load4(k + k_row + key * k_strides[2] + 128 * j);
+                const int dim = 128 * j + 4 * lane;
+                const f32x4 x = STAGED ? load4(kv_tile + (first - step + t) * D + dim)
+                                       : load4(k + k_head + key * k_strides[2] + dim);
                 for (int h = 0; h < HPS; h++) {
                     s[t][h] += qs[h][4 * j] * x.x + qs[h][4 * j + 1] * x.y + qs[h][4 * j + 2] * x.z +
                                qs[h][4 * j + 3] * x.w;
@@ -123,7 +158,9 @@ PARTIAL = r"""
         for (int t = 0; t < BK; t++) {
             const int key = metal::min(first + t, end - 1);
             for (int j = 0; j < DV; j++) {
-                f32x4 x = load4(v + v_row + key * v_strides[2] + 128 * j);
+                const int dim = 128 * j + 4 * lane;
+                f32x4 x = STAGED ? load4(kv_tile + TILE + (first - step + t) * D + dim)
+                                 : load4(v + v_head + key * v_strides[2] + dim);
                 if (!valid[t]) {
                     x = f32x4{0.0f, 0.0f, 0.0f, 0.0f};  // a masked slot may hold anything, NaN included
                 }
@@ -220,6 +257,7 @@ combine_kernel = Kernel(
 BK = 8  # keys a simdgroup scores before one softmax update
 HEAD_DIMS_PER_SIMDGROUP = 1024  # HPS * D: the per-lane query and output registers, 2 * HPS * D / 32
 MIN_SIMDGROUPS = 4  # per threadgroup
+TILE_FLOATS = 4096  # staged keys NK * BK * D, as many values: 32 KiB, Apple GPUs' threadgroup memory
 TARGET_THREADGROUPS = 512  # enough to fill an H100 (132 SMs) or an M-series Max; more only adds partials
 MIN_CHUNK = 64  # keys per threadgroup: fewer would make the partials outweigh the keys
 MAX_PARTIALS = 1024  # partials a row, the combine pass's threadgroup array
@@ -274,6 +312,8 @@ def attend(launch: Launcher, queries, keys, values, scale: float = 1.0, mask: Op
     per_simdgroup = _heads_per_simdgroup(n_heads // n_kv, dim)
     head_groups = n_heads // n_kv // per_simdgroup
     splits = max(1, MIN_SIMDGROUPS // head_groups)
+    if head_groups > 1:  # staged: NK * BK keys and values as floats in threadgroup memory
+        splits = max(1, min(splits, TILE_FLOATS // (BK * dim)))
     chunks = max(1, min(-(-TARGET_THREADGROUPS // (batch * n_kv)), -(-length // MIN_CHUNK), MAX_PARTIALS // splits))
     threads = 32 * head_groups * splits
     o_part, ml = launch(

@@ -70,6 +70,12 @@ CASES = {
     "full-512-16:2-bf16": lambda: full(16, 2, 512, mx.bfloat16, length=1000),
     # E2B global layer (8:1), a batch whose sequences have different lengths (left padding)
     "full-512-8:1-fp16-padded": lambda: full(8, 1, 512, mx.float16, length=333, padding=[0, 100]),
+    # 16:1 at d=512: eight head groups share each staged tile of keys and values
+    "full-512-16:1-fp32-padded": lambda: full(16, 1, 512, mx.float32, length=150, padding=[0, 21]),
+    # E4B global layer (8:2): two head groups, one tile of float32 keys at a time
+    "full-512-8:2-fp32": lambda: full(8, 2, 512, mx.float32, length=200),
+    # one query head per kv head: four simdgroups split each chunk's keys, nothing staged
+    "sliding-256-4:4-bf16-wrapped": lambda: sliding(4, 4, 256, mx.bfloat16, window=32, steps=9),
     # 2:1 at d=512: four simdgroups split each chunk's keys
     "full-512-2:1-fp32-padded": lambda: full(4, 2, 512, mx.float32, length=261, padding=[3, 0]),
 }
