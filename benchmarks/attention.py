@@ -7,7 +7,8 @@ One query token against a cache of each context length, batch 1, bfloat16, the h
 Gemma 4 layers with the largest (31B) and the smallest (E2B) caches. Each timing is the median over
 trials of a batch of independent calls evaluated together, divided by the calls: the cost a decode
 step pays per attention layer. Bandwidth counts the keys and values read. Writes attention.json and
-attention.md.
+attention.md, and prints (and writes) where MLX overtakes the kernel per layout: what sets
+SINGLE_KV_HEAD_MAX_KEYS in kernels/sdpa.py, the context beyond which a single-kv-head layer goes to MLX.
 
 --prefill: a chunk of 512 or 2048 queries whose keys end at its last query, MLX given the mask the
 model passes: "causal" for global layers, the boolean [1, 1, L, S] array for a sliding layer's chunk
@@ -32,7 +33,7 @@ LAYOUTS = {  # head_dim -> layer: (query heads, kv heads)
     256: {"31B sliding": (32, 16), "E2B sliding": (8, 1)},
     512: {"31B global": (32, 4), "E2B global": (8, 1)},
 }
-CONTEXTS = [512, 1024, 8192, 32768, 131072]
+CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 CALLS = 16
 TRIALS = 7
 
@@ -160,7 +161,28 @@ def markdown(result: dict) -> str:
             f"| {r['head_dim']} | {r['layer']} ({r['heads']}:{r['kv_heads']}) | {r['context']} | {r['ours_us']} | "
             f"{r['mlx_us']} | {r['speedup']}× | {r['ours_gb_per_s']} | {r['mlx_gb_per_s']} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *crossovers(result["rows"])]) + "\n"
+
+
+def crossovers(rows: list) -> list:
+    """Per layout, the contexts where MLX is faster; then what that makes of SINGLE_KV_HEAD_MAX_KEYS."""
+    lines, single_kv_limits = [], []
+    for dim, layer in dict.fromkeys((r["head_dim"], r["layer"]) for r in rows):
+        mine = sorted((r for r in rows if (r["head_dim"], r["layer"]) == (dim, layer)), key=lambda r: r["context"])
+        lost = [r["context"] for r in mine if r["speedup"] < 1]
+        # the longest context up to which ours wins at every measured length
+        won_up_to = max((r["context"] for r in mine if not lost or r["context"] < lost[0]), default=0)
+        verdict = f"MLX faster at {lost} keys; ours up to {won_up_to}" if lost else "ours faster at every context"
+        lines.append(f"- d={dim} {layer} ({mine[0]['heads']}:{mine[0]['kv_heads']}): {verdict}")
+        if mine[0]["kv_heads"] == 1:
+            single_kv_limits.append(won_up_to if lost else None)
+    if single_kv_limits:
+        limits = [x for x in single_kv_limits if x is not None]
+        lines.append(
+            f"- SINGLE_KV_HEAD_MAX_KEYS: {min(limits)} (the shortest single-kv-head win streak)" if limits
+            else "- SINGLE_KV_HEAD_MAX_KEYS: none needed, ours is faster for every single-kv-head layout and context"
+        )
+    return lines
 
 
 def main():
@@ -188,6 +210,7 @@ def main():
                 print(json.dumps(result["rows"][-1]), flush=True)
                 (args.out / "attention.json").write_text(json.dumps(result, indent=1) + "\n")
                 (args.out / "attention.md").write_text(markdown(result))
+    print("\n".join(crossovers(result["rows"])))
 
 
 if __name__ == "__main__":
