@@ -8,22 +8,31 @@ accumulation whatever the dtypes, so `reference` is mx.quantized_matmul on exact
 CPU op in bfloat16 is ~10 % off at K = 4096).
 
 Decode reads every weight once per token, so for 1-8 rows (`gemv`) the kernel streams them at memory
-speed: a simdgroup owns RPS weight rows and walks K in steps of 32 lanes x one 16-byte word load per
-row (32 codes at 4 bits, 16 at 8); the next step's words are loaded before the current step's
-arithmetic. A lane's chunk lies inside one quantization group, so it folds its partial dot products as
+speed. A threadgroup owns RPS = 4 weight rows and NSG simdgroups that split K between them: its lanes
+walk K in steps of NSG x 32 lanes x one 16-byte word per row (32 codes at 4 bits, 16 at 8), and the
+next step's words, scales and biases are loaded before the current step's arithmetic, so that a lane
+never waits on memory it could have asked for earlier. NSG (`simdgroups`) grows for short N until the
+launch has enough simdgroups to fill an H100; each simdgroup's sums meet in threadgroup memory. A
+lane's chunk lies inside one quantization group, so it folds its partial dot products as
 scale * sum(x * code) + bias * sum(x). The activations come from L1, reused across the RPS rows. Codes
 become floats without an int->float conversion (a quarter-rate instruction on NVIDIA GPUs): a code
-placed in the mantissa of 2^(23 - s), s its bit offset, reads as 2^(23 - s) + code exactly. simd_sums
-reduce the lanes at the end.
+placed in the mantissa of 2^(23 - s), s its bit offset, reads as 2^(23 - s) + code exactly. The body's
+template: T (output dtype), BITS, GS (group size), M (rows of x), RPS, NSG; its comments are few and
+short, since MLX builds and hashes the whole source on every call.
+
+The call path is short on purpose (on a small layer MLX's own op costs ~6.5 us per call, so every
+microsecond of Python shows): the dispatch decision and the launch parameters are computed once per
+layer shape (`_path`, `_launch`), and the probe verdict is a dict lookup.
 
 Prefill (many rows) is compute-bound: on CUDA, dequantizing the weight into a transient dense matrix
-and calling the dense matmul beats MLX's quantized matmul (`dequantized_matmul`; on an H100 at 2048
-rows, ~470 against ~130 TFLOP/s as measured for the project's issue). `DISPATCH` says
-which path serves how many rows on each backend; `MLX_GEMMA4_QUANTIZED_MATMUL` overrides it.
+and calling the dense matmul beats MLX's quantized matmul from a few hundred rows (`dequantized_matmul`;
+on an H100 at 2048 rows, ~470 against ~130 TFLOP/s). `DISPATCH` says which path serves how many rows
+of how large a weight on each backend; `MLX_GEMMA4_QUANTIZED_MATMUL` overrides it.
 """
 
 import math
 import os
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -31,18 +40,18 @@ import mlx.core as mx
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
 GEMV = r"""
-    // Template: T (output dtype), BITS, GS (group size), M (rows of x), RPS (weight rows per
-    // simdgroup), NSG (simdgroups per threadgroup).
-    constexpr int VPW = 32 / BITS;   // codes per word
-    constexpr int VPL = 4 * VPW;     // codes a lane takes per step: one 16-byte load per weight row
-    constexpr int STEP = 32 * VPL;   // codes a simdgroup takes per step
+    constexpr int VPW = 32 / BITS;
+    constexpr int VPL = 4 * VPW;
+    constexpr int STEP = 32 * NSG * VPL;
     constexpr uint MASK = (1u << BITS) - 1u;
+    threadgroup float partial[NSG * RPS * M];
     const uint lane = thread_index_in_simdgroup;
+    const uint tid = thread_index_in_threadgroup;
     const int K = x_shape[1];
     const int N = w_shape[0];
     const int words = K / VPW;
     const int groups = K / GS;
-    const int first = (threadgroup_position_in_grid.x * NSG + simdgroup_index_in_threadgroup) * RPS;
+    const int first = threadgroup_position_in_grid.x * RPS;
 
     size_t w_row[RPS];
     size_t sb_row[RPS];
@@ -56,28 +65,33 @@ GEMV = r"""
         }
     }
 
-    int k = lane * VPL;
+    int k = tid * VPL;
     uint q[RPS][4];
+    float scale[RPS];
+    float bias[RPS];
     for (int r = 0; r < RPS; r++) {
-        const u32x4 words4 = load_words4(w + w_row[r] + metal::min(k, K - VPL) / VPW);
+        const int at = metal::min(k, K - VPL);
+        const u32x4 words4 = load_words4(w + w_row[r] + at / VPW);
         for (int i = 0; i < 4; i++) {
             q[r][i] = words4.v[i];
         }
+        scale[r] = static_cast<float>(scales[sb_row[r] + at / GS]);
+        bias[r] = static_cast<float>(biases[sb_row[r] + at / GS]);
     }
     for (; k < K; k += STEP) {
-        // The next step's words first (past the end: the last chunk again, unused), so that they are in
-        // flight during this step's arithmetic.
+        // The next step's words, scales and biases first (past the end: the last chunk again, unused),
+        // so that they are in flight during this step's arithmetic.
         const int next = metal::min(k + STEP, K - VPL);
         uint q_next[RPS][4];
-        float scale[RPS];
-        float bias[RPS];
+        float scale_next[RPS];
+        float bias_next[RPS];
         for (int r = 0; r < RPS; r++) {
             const u32x4 words4 = load_words4(w + w_row[r] + next / VPW);
             for (int i = 0; i < 4; i++) {
                 q_next[r][i] = words4.v[i];
             }
-            scale[r] = static_cast<float>(scales[sb_row[r] + k / GS]);
-            bias[r] = static_cast<float>(biases[sb_row[r] + k / GS]);
+            scale_next[r] = static_cast<float>(scales[sb_row[r] + next / GS]);
+            bias_next[r] = static_cast<float>(biases[sb_row[r] + next / GS]);
         }
         float x_sum[M];
         float dot[RPS][M];
@@ -121,15 +135,31 @@ GEMV = r"""
             for (int i = 0; i < 4; i++) {
                 q[r][i] = q_next[r][i];
             }
+            scale[r] = scale_next[r];
+            bias[r] = bias_next[r];
         }
     }
 
+    // Each simdgroup's sums to threadgroup memory, then one thread per (row, x row) adds the NSG
+    // partial sums in simdgroup order.
     for (int r = 0; r < RPS; r++) {
         for (int m = 0; m < M; m++) {
             const float total = simd_sum(acc[r][m]);
-            if (lane == 0 && first + r < N) {
-                y[size_t(m) * N + first + r] = static_cast<T>(total);
+            if (lane == 0) {
+                partial[simdgroup_index_in_threadgroup * (RPS * M) + r * M + m] = total;
             }
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid < RPS * M) {
+        const int r = tid / M;
+        const int m = tid % M;
+        float total = 0.0f;
+        for (int g = 0; g < NSG; g++) {
+            total += partial[g * (RPS * M) + tid];
+        }
+        if (first + r < N) {
+            y[size_t(m) * N + first + r] = static_cast<T>(total);
         }
     }
 """
@@ -140,8 +170,23 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 MAX_ROWS = 8  # rows of x the GEMV takes; its arithmetic grows with them, its weight reads do not
-ROWS_PER_SIMDGROUP = 4
-SIMDGROUPS = 2
+ROWS_PER_THREADGROUP = 4
+SIMDGROUPS = (1, 2, 4, 8)  # the split of K a threadgroup may take
+# Simdgroups a launch aims for: about 31 per SM of an H100's 132, which keeps enough loads in flight
+# to cover memory latency. Fewer weight rows than this split K further (short N, e.g. 2048-5376).
+TARGET_SIMDGROUPS = 4096
+
+
+@lru_cache(maxsize=None)
+def simdgroups(k: int, n: int, bits: int) -> int:
+    """How many simdgroups split K in each threadgroup: doubled while the launch has fewer than
+    TARGET_SIMDGROUPS and each still gets at least one full step of K."""
+    steps = k // (32 * 4 * 32 // bits)
+    threadgroups = -(-n // ROWS_PER_THREADGROUP)
+    split = 1
+    while 2 * split <= min(SIMDGROUPS[-1], steps) and threadgroups * split < TARGET_SIMDGROUPS:
+        split *= 2
+    return split
 
 
 def reference(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
@@ -166,56 +211,79 @@ def dequantized_matmul(x, w, scales, biases, group_size: int, bits: int) -> mx.a
 
 def supports(x, w, scales, biases, group_size: int, bits: int) -> bool:
     """Inputs the GEMV kernel takes; anything else goes to MLX's op."""
-    k = x.shape[-1]
+    return biases is not None and _supports(x.shape, x.dtype, w.shape, w.dtype, scales.shape, biases.shape,
+                                            group_size, bits)
+
+
+def _supports(x_shape, x_dtype, w_shape, w_dtype, scales_shape, biases_shape, group_size, bits) -> bool:
+    k = x_shape[-1]
     return (
         bits in BITS
         and group_size in GROUP_SIZES
-        and biases is not None
-        and x.dtype in DTYPES
-        and 1 <= x.size // max(k, 1) <= MAX_ROWS
-        and w.dtype == mx.uint32
-        and w.ndim == 2
-        and w.shape[1] * 32 == k * bits
+        and x_dtype in DTYPES
+        and 1 <= math.prod(x_shape[:-1]) <= MAX_ROWS
+        and w_dtype == mx.uint32
+        and len(w_shape) == 2
+        and w_shape[1] * 32 == k * bits
         and k % group_size == 0
-        and scales.shape == biases.shape == (w.shape[0], k // group_size)
+        and scales_shape == biases_shape == (w_shape[0], k // group_size)
     )
 
 
-def gemv(launch: Launcher, x, w, scales, biases, group_size: int, bits: int) -> mx.array:
-    """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator)."""
-    *lead, k = x.shape
-    rows, n = math.prod(lead), w.shape[0]
-    per_threadgroup = ROWS_PER_SIMDGROUP * SIMDGROUPS
+@lru_cache(maxsize=None)
+def _launch(dtype, bits: int, group_size: int, rows: int, n: int, split: int) -> tuple:
+    """(template, grid, threadgroup) of one GEMV configuration, built once: the call path is short."""
+    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("M", rows), ("RPS", ROWS_PER_THREADGROUP),
+                ("NSG", split)]
+    return template, (32 * split * -(-n // ROWS_PER_THREADGROUP), 1, 1), (32 * split, 1, 1)
+
+
+def gemv(launch: Launcher, x, w, scales, biases, group_size: int, bits: int, split: Optional[int] = None) -> mx.array:
+    """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator); `split`: the
+    simdgroups per threadgroup, `simdgroups(K, N, bits)` unless given (tests, benchmarks)."""
+    shape = x.shape
+    k, n = shape[-1], w.shape[0]
+    rows = x.size // k
+    if split is None:
+        split = simdgroups(k, n, bits)
+    template, grid, threadgroup = _launch(x.dtype, bits, group_size, rows, n, split)
     (y,) = launch(
         gemv_kernel,
-        inputs=[x.reshape(rows, k), w, scales, biases],
-        template=[
-            ("T", x.dtype),
-            ("BITS", bits),
-            ("GS", group_size),
-            ("M", rows),
-            ("RPS", ROWS_PER_SIMDGROUP),
-            ("NSG", SIMDGROUPS),
-        ],
-        grid=(32 * SIMDGROUPS * -(-n // per_threadgroup), 1, 1),
-        threadgroup=(32 * SIMDGROUPS, 1, 1),
+        inputs=[x if len(shape) == 2 else x.reshape(rows, k), w, scales, biases],
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
         output_shapes=[(rows, n)],
         output_dtypes=[x.dtype],
     )
-    return y.reshape(*lead, n)
+    return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
 
 
-# The dispatch table: which path serves a matmul of `rows` activation rows on each backend, as
-# (most rows, path) in increasing order. CUDA: the GEMV up to its 8 rows; the dequantize threshold (32)
-# is an estimate (4.5 bytes moved per weight against MLX's 0.5 at a fraction of bandwidth) until
-# benchmarks/quantized_matmul.py's crossover rows on an H100 set it.
-# Metal: MLX's own everywhere; its quantized GEMV is near bandwidth on Apple GPUs and nothing here can
-# time ours there (force ours with the environment variable to compare on a Mac).
+# The dispatch rule: on each backend, rules (fewest rows, most rows, fewest weight bytes, path), the
+# first that matches the rows of x and the quantized weight's bytes (codes, scales and biases: what a
+# GEMV reads) wins; none: MLX's op. CUDA, from the H100 measurements in
+# benchmarks/results/quantized_matmul.md (4-bit, group 64, bf16):
+# - GEMV against MLX's op: 1 row wins from ~25 MB (31B q_proj 5376x8192 1.0x, o_proj 1.25x, gate/up
+#   1.44x, lm_heads 1.6-1.97x; 0.35-0.83x below), 2 rows from ~10 MB (7.7 MB: 1.03x, 5-6.5 MB:
+#   0.67-0.82x), 4 rows from ~6 MB (3.3-3.5 MB: 0.75-1.06x). MLX's op runs a GEMV up to 7 rows, its time
+#   growing with them, so 3 rows take 2 rows' threshold and 5-7 rows 4 rows'. At 8 rows MLX's op
+#   switches to its matmul kernel and wins everywhere.
+# - Dequantize + matmul: from 256 rows on 31B gate/up (65 MB; 497 vs 608 us, 729 vs 1893 at 1024 rows,
+#   loses at 128), never up to 1024 rows on E2B q_proj (1536x2048, 1.8 MB); at 2048 rows 1.1-4.5x from
+#   ~1.8 MB up, 0.8-0.97x below.
+# Metal: MLX's own everywhere; its quantized GEMV is near bandwidth on Apple GPUs and nothing here has
+# timed ours there (force ours with the environment variable to compare on a Mac).
 INF = math.inf
 DISPATCH = {
-    "cuda": ((MAX_ROWS, "gemv"), (31, "mlx"), (INF, "dequantize")),
-    "metal": ((INF, "mlx"),),
-    "reference": ((INF, "mlx"),),
+    "cuda": (
+        (1, 1, 24e6, "gemv"),
+        (2, 3, 10e6, "gemv"),
+        (4, 7, 6e6, "gemv"),
+        (256, INF, 9e6, "dequantize"),
+        (2048, INF, 1.5e6, "dequantize"),
+    ),
+    "metal": (),
+    "reference": (),
 }
 PATH_ENV = "MLX_GEMMA4_QUANTIZED_MATMUL"
 PATHS = ("gemv", "dequantize", "mlx")
@@ -224,26 +292,40 @@ PATHS = ("gemv", "dequantize", "mlx")
 def path(x, w, scales, biases, group_size: int, bits: int) -> str:
     """The path `quantized_matmul` takes for these inputs: the table's, or the environment's
     (`gemv` only where the kernel applies: a GPU backend and inputs it supports)."""
-    choice = os.environ.get(PATH_ENV, "auto")
+    return _path(
+        os.environ.get(PATH_ENV, "auto"), backend(), x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype,
+        None if biases is None else biases.shape, group_size, bits,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _path(choice, on, x_shape, x_dtype, w_shape, w_dtype, scales_shape, scales_dtype, biases_shape, group_size, bits):
+    """`path` on the inputs' shapes and dtypes, decided once per layer shape (a decode step asks for
+    every layer)."""
     if choice not in ("auto", *PATHS):
         raise ValueError(f"{PATH_ENV}={choice!r}: choose one of {', '.join(PATHS)} or auto")
-    on = backend()
     if choice == "auto":
-        rows = x.size // max(x.shape[-1], 1)
-        choice = next(name for most, name in DISPATCH[on] if rows <= most)
-    if choice == "gemv" and (on == "reference" or not supports(x, w, scales, biases, group_size, bits)):
-        return "mlx"
-    return choice
+        rows = math.prod(x_shape[:-1])
+        nbytes = math.prod(w_shape) * w_dtype.size + 2 * math.prod(scales_shape) * scales_dtype.size
+        choice = next((name for fewest, most, least_bytes, name in DISPATCH[on]
+                       if fewest <= rows <= most and nbytes >= least_bytes), "mlx")
+    gemv_applies = on != "reference" and biases_shape is not None and _supports(
+        x_shape, x_dtype, w_shape, w_dtype, scales_shape, biases_shape, group_size, bits)
+    return "mlx" if choice == "gemv" and not gemv_applies else choice
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
     """x @ dequantize(w).T, [..., N], on the path the dispatch table picks (see module doc)."""
-    chosen = path(x, w, scales, biases, group_size, bits)
+    on = backend()
+    chosen = _path(
+        os.environ.get(PATH_ENV, "auto"), on, x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype,
+        None if biases is None else biases.shape, group_size, bits,
+    )
     if chosen == "gemv":
-        on = backend()
-        config = (on, x.dtype, bits, group_size, x.size // x.shape[-1])
+        k = x.shape[-1]
+        config = (on, x.dtype, bits, group_size, x.size // k, simdgroups(k, w.shape[0], bits))
         if usable(("quantized_gemv", *config), lambda: _probe(*config)):
-            return gemv(launcher(on), x, w, scales, biases, group_size, bits)
+            return gemv(launcher(on), x, w, scales, biases, group_size, bits, config[-1])
         chosen = "mlx"
     if chosen == "dequantize":
         return dequantized_matmul(x, w, scales, biases, group_size, bits)
@@ -269,9 +351,11 @@ def quantized_case(rows: int, k: int, n: int, dtype, group_size: int, bits: int,
     return (x, *mx.quantize(weight, group_size, bits))
 
 
-def _probe(on: str, dtype, bits: int, group_size: int, rows: int) -> Optional[str]:
-    """Run one small case of this configuration on the device; None when it matches the reference."""
-    x, w, scales, biases = quantized_case(rows, 3 * 128 + 2 * 1024, 13, dtype, group_size, bits)
-    got = gemv(launcher(on), x, w, scales, biases, group_size, bits)
+def _probe(on: str, dtype, bits: int, group_size: int, rows: int, split: int) -> Optional[str]:
+    """Run one small case of this configuration on the device; None when it matches the reference.
+    K spans several steps of the whole threadgroup and ends in a partial one."""
+    k = 2 * split * (32 * 4 * 32 // bits) + 3 * 128
+    x, w, scales, biases = quantized_case(rows, k, 13, dtype, group_size, bits)
+    got = gemv(launcher(on), x, w, scales, biases, group_size, bits, split)
     gap = error(got, reference(x, w, scales, biases, group_size, bits))
     return None if gap <= TOLERANCE[dtype] else f"relative error {gap:.3g} > {TOLERANCE[dtype]}"

@@ -22,15 +22,66 @@ def case(rows, bits=4, group=64, k=256, n=24, dtype=mx.float32):
     return (*qmm.quantized_case(rows, k, n, dtype, group, bits), group, bits)
 
 
+def layer(rows, k, n, bits=4, group=64, dtype=mx.bfloat16):
+    """Inputs of a layer's shape, never computed (the dispatch reads shapes only)."""
+    return (mx.zeros((rows, k), dtype), mx.zeros((n, k * bits // 32), mx.uint32), mx.zeros((n, k // group), dtype),
+            mx.zeros((n, k // group), dtype), group, bits)
+
+
+# (K, N) of Gemma 4 layers, with their 4-bit group-64 bytes
+Q_31B = (5376, 8192)  # 24.8 MB
+GATE_31B = (5376, 21504)  # 65 MB
+KV_31B = (5376, 4096)  # 12.4 MB
+K_31B = (5376, 2048)  # 6.2 MB
+Q_26B = (2816, 4096)  # 6.5 MB
+GATE_E2B = (1536, 6144)  # 5.3 MB
+Q_E2B = (1536, 2048)  # 1.8 MB
+K_E2B = (1536, 256)  # 0.2 MB
+
+
 @pytest.mark.parametrize(
-    "on,rows,expected",
-    [("cuda", 1, "gemv"), ("cuda", 8, "gemv"), ("cuda", 9, "mlx"), ("cuda", 31, "mlx"), ("cuda", 32, "dequantize"),
-     ("cuda", 4096, "dequantize"), ("metal", 1, "mlx"), ("metal", 2048, "mlx"), ("reference", 1, "mlx")],
+    "rows,shape,expected",
+    [
+        # 1 row: ours from ~25 MB (the 31B projections, MLP and heads)
+        (1, Q_31B, "gemv"), (1, GATE_31B, "gemv"), (1, (5376, 262144), "gemv"), (1, KV_31B, "mlx"),
+        (1, K_E2B, "mlx"),
+        # 2-3 rows: from ~10 MB; 4-7 rows: from ~6 MB
+        (2, KV_31B, "gemv"), (3, KV_31B, "gemv"), (2, K_31B, "mlx"), (3, Q_26B, "mlx"),
+        (4, K_31B, "gemv"), (7, Q_26B, "gemv"), (4, GATE_E2B, "mlx"), (7, Q_E2B, "mlx"),
+        # 8 rows and more: MLX's matmul kernel, until dequantize + matmul wins
+        (8, GATE_31B, "mlx"), (128, GATE_31B, "mlx"), (256, GATE_31B, "dequantize"), (4096, Q_31B, "dequantize"),
+        (1024, Q_E2B, "mlx"), (2048, Q_E2B, "dequantize"), (2048, (256, 1536), "mlx"),
+    ],
 )
-def test_table(monkeypatch, on, rows, expected):
+def test_cuda_rule(monkeypatch, rows, shape, expected):
+    monkeypatch.setenv(ENV, "cuda")
+    monkeypatch.delenv(qmm.PATH_ENV, raising=False)
+    assert qmm.path(*layer(rows, *shape)) == expected
+
+
+@pytest.mark.parametrize("on", ["metal", "reference"])
+@pytest.mark.parametrize("rows", [1, 4, 2048])
+def test_mlx_everywhere_else(monkeypatch, on, rows):
     monkeypatch.setenv(ENV, on)
     monkeypatch.delenv(qmm.PATH_ENV, raising=False)
-    assert qmm.path(*case(rows)) == expected
+    assert qmm.path(*layer(rows, *GATE_31B)) == "mlx"
+
+
+def test_cuda_rule_keeps_mlx_for_inputs_the_gemv_does_not_take(monkeypatch):
+    monkeypatch.setenv(ENV, "cuda")
+    monkeypatch.delenv(qmm.PATH_ENV, raising=False)
+    assert qmm.path(*layer(1, *GATE_31B, bits=3)) == "mlx"
+    assert qmm.path(*layer(1, *GATE_31B)[:3], None, 64, 4) == "mlx"  # no biases
+
+
+def test_split_grows_for_short_n():
+    """How many simdgroups split K, at Gemma 4's shapes: none for the long N that fill the GPU, more for
+    short N, never more than the steps K holds."""
+    assert qmm.simdgroups(*GATE_31B, 4) == qmm.simdgroups(5376, 262144, 4) == 1
+    assert qmm.simdgroups(*Q_31B, 4) == 2  # 2048 threadgroups
+    assert qmm.simdgroups(21504, 5376, 4) == qmm.simdgroups(*K_31B, 4) == 4
+    assert qmm.simdgroups(*K_E2B, 4) == 1  # K is 1.5 steps
+    assert qmm.simdgroups(*K_E2B, 8) == 2  # 8 bits: 3 steps of 512 codes
 
 
 def test_override(monkeypatch):
@@ -65,7 +116,7 @@ def test_paths_agree_with_the_definition(monkeypatch, bits, group, dtype):
 @pytest.mark.skipif(not ON_CPU, reason="CPU-only behaviour")
 def test_unbuildable_gemv_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv(ENV, "cuda")
-    monkeypatch.delenv(qmm.PATH_ENV, raising=False)
+    monkeypatch.setenv(qmm.PATH_ENV, "gemv")
     monkeypatch.setattr(kernel, "_verdicts", {})
     inputs = case(2)
     with warnings.catch_warnings(record=True) as caught:

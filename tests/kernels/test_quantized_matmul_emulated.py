@@ -12,7 +12,7 @@ import metal_check
 import metal_emu
 from metal_source import capture
 from mlx_gemma4.kernels.quantized_matmul import (
-    BITS, DTYPES, GROUP_SIZES, MAX_ROWS, TOLERANCE, error, gemv, quantized_case, reference,
+    BITS, DTYPES, GROUP_SIZES, MAX_ROWS, SIMDGROUPS, TOLERANCE, error, gemv, quantized_case, reference,
 )
 
 pytestmark = pytest.mark.skipif(not (metal_check.CLANG and metal_emu.CXX), reason="needs clang-19 and clang++-19")
@@ -32,7 +32,7 @@ def check(rows, k, n, dtype, group, bits, launch=metal_emu.run, seed=0):
 @pytest.mark.parametrize("bits,group", FORMATS)
 def test_every_format(bits, group, dtype):
     # K = 384: a fraction of one step (1024 codes at 4 bits, 512 at 8), so most lanes idle; N = 11: the
-    # last simdgroup holds three rows, its fourth re-reads row 10 and is not written.
+    # last threadgroup holds three rows, its fourth re-reads row 10 and is not written.
     check(2, 384, 11, dtype, group, bits)
 
 
@@ -44,13 +44,25 @@ def test_every_row_count(rows):
 @pytest.mark.parametrize(
     "bits,group,k,n",
     [
-        (4, 128, 3 * 1024 + 640, 21),  # several steps, the last one partial; three threadgroups
-        (8, 32, 2 * 512 + 32, 8),  # one lane of the last step; exactly one threadgroup
+        (4, 128, 3 * 1024 + 640, 21),  # several steps, the last one partial; six threadgroups
+        (8, 32, 2 * 512 + 32, 8),  # one lane of the last step; exactly two threadgroups
         (4, 32, 32, 1),  # one group, one row
     ],
 )
 def test_shapes_off_the_tiles(bits, group, k, n):
     check(3, k, n, mx.float16, group, bits)
+
+
+@pytest.mark.parametrize("split", SIMDGROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_every_split_of_k(split, bits):
+    """K split over 1-8 simdgroups: 2.5 steps of the whole threadgroup, so that the simdgroups hold
+    different numbers of chunks and some none in the last step; 8 rows of x fill the partial sums."""
+    k = 5 * split * (32 * 4 * 32 // bits) // 2
+    case = quantized_case(MAX_ROWS, k, 6, mx.float32, 64, bits, seed=split)
+    launch = functools.partial(metal_emu.run, seed=split)
+    got = gemv(launch, *case, 64, bits, split)
+    assert error(got, reference(*case, 64, bits)) <= TOLERANCE[mx.float32]
 
 
 def test_leading_dimensions_are_rows():

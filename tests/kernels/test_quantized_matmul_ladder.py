@@ -3,6 +3,7 @@ unclamped weight row or an unguarded output row touches memory past its buffer (
 a Metal-only spelling fails the type check."""
 
 import dataclasses
+import functools
 
 import mlx.core as mx
 import pytest
@@ -14,7 +15,7 @@ from mlx_gemma4.kernels.quantized_matmul import TOLERANCE, error, gemv, gemv_ker
 
 pytestmark = pytest.mark.skipif(not (metal_check.CLANG and metal_emu.CXX), reason="needs clang-19 and clang++-19")
 
-CASE = dict(rows=2, k=384, n=11, dtype=mx.float32, group_size=64, bits=4)  # 11 rows: the last simdgroup overhangs
+CASE = dict(rows=2, k=384, n=13, dtype=mx.float32, group_size=64, bits=4)  # 13 rows: the last threadgroup overhangs by 3
 
 
 def mutant(old: str, new: str):
@@ -22,9 +23,9 @@ def mutant(old: str, new: str):
     return dataclasses.replace(gemv_kernel, name="quantized_gemv_mutant", source=gemv_kernel.source.replace(old, new), _built={})
 
 
-def run(kernel, launch=metal_emu.run):
-    x, w, scales, biases = quantized_case(CASE["rows"], CASE["k"], CASE["n"], CASE["dtype"], CASE["group_size"], CASE["bits"])
-    got = gemv(lambda _, **call: launch(kernel, **call), x, w, scales, biases, CASE["group_size"], CASE["bits"])
+def run(kernel, launch=metal_emu.run, k=CASE["k"], split=None):
+    x, w, scales, biases = quantized_case(CASE["rows"], k, CASE["n"], CASE["dtype"], CASE["group_size"], CASE["bits"])
+    got = gemv(lambda _, **call: launch(kernel, **call), x, w, scales, biases, CASE["group_size"], CASE["bits"], split)
     return error(got, reference(x, w, scales, biases, CASE["group_size"], CASE["bits"]))
 
 
@@ -37,8 +38,20 @@ def test_wrong_unpacking_gives_wrong_numbers():
 
 
 @pytest.mark.parametrize("old,new", [
+    ("total += partial[g * (RPS * M) + tid];", "total += partial[tid];"),  # one simdgroup's share of K
+    ("threadgroup_barrier(mem_flags::mem_threadgroup);", ""),  # partial sums read before they are written
+])
+def test_split_k_mutants_give_wrong_numbers(old, new):
+    """K split over 4 simdgroups (K = 5 steps of 4 x 1024 codes, the last partial); the missing barrier
+    shows under a shuffled schedule."""
+    launch = functools.partial(metal_emu.run, seed=3)
+    assert run(gemv_kernel, launch, k=4 * 4096 + 640, split=4) <= TOLERANCE[CASE["dtype"]]
+    assert not run(mutant(old, new), launch, k=4 * 4096 + 640, split=4) <= 0.01  # NaN: poisoned memory read
+
+
+@pytest.mark.parametrize("old,new", [
     ("metal::min(first + r, N - 1)", "(first + r)"),  # weight rows past N
-    ("lane == 0 && first + r < N", "lane == 0"),  # output rows past N
+    ("if (first + r < N) {", "{"),  # output rows past N
 ])
 def test_out_of_bounds_crashes_the_emulator(old, new):
     with pytest.raises(metal_emu.EmulatorError):
