@@ -61,8 +61,9 @@ def build(bits: int, group_size: int, seed: int = 0):
     glu = theirs.switch_glu
     for name in ("weight", "scales", "biases"):
         fused = getattr(ours.gate_up_proj, name)
-        setattr(glu.gate_proj, name, fused[:, :inner])
-        setattr(glu.up_proj, name, fused[:, inner:])
+        # Copies, not views: MLX's CUDA gather_qmm has no implementation for strided weights.
+        setattr(glu.gate_proj, name, mx.contiguous(fused[:, :inner]))
+        setattr(glu.up_proj, name, mx.contiguous(fused[:, inner:]))
         setattr(glu.down_proj, name, getattr(ours.down_proj, name))
     mx.eval(their_router.parameters(), theirs.parameters())
     return (router, ours), (their_router, theirs)
