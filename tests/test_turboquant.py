@@ -51,6 +51,19 @@ def test_distortion_within_paper_bounds_and_codebook_mse(dim, bits):
     assert abs(distortion / codec.unit_mse - 1) < 0.05
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_stored_norm_makes_the_dequantized_norm_exact(bits):
+    """The row keeps the encoder's codes; its norm word is ‖x‖/‖c[codes]‖, so ‖x̃‖ = ‖x‖."""
+    codec = TurboQuantCodec(64, bits, seed=3)
+    x = mx.random.normal((300, 64), key=mx.random.key(bits)) * 5
+    rows = codec.encode(x)
+    raw = encode_reference(x, codec.sign, codec.boundaries, bits)
+    assert mx.array_equal(rows[:, : codec.words], raw[:, : codec.words]).item()
+    ratio = mx.linalg.norm(codec.decode(rows), axis=-1) / mx.linalg.norm(x, axis=-1)
+    assert mx.abs(ratio - 1).max().item() < 1e-5
+    assert mx.mean(codec.norms(rows) / codec.norms(raw)).item() > 1  # the codebook shrinks: E‖c‖ < 1
+
+
 def test_anisotropic_inputs_are_gaussianized():
     """Few huge channels (outlier-heavy keys): the rotation keeps the distortion at the codebook's."""
     dim, bits = 512, 4
