@@ -45,7 +45,6 @@ PARTIAL = r"""
     constexpr bool STAGED = NH > 1;
     constexpr int TILE = NK * BK * D;  // floats of the staged keys, and as many of the values
     constexpr int NT = 32 * NH * NK;   // threads
-    static_assert(!STAGED || TILE % (4 * NT) == 0, "each thread stages whole four-float vectors");
     threadgroup float kv_tile[STAGED ? 2 * TILE : 1];
     const uint tid = thread_index_in_threadgroup;
     const uint lane = thread_index_in_simdgroup;
@@ -86,15 +85,22 @@ PARTIAL = r"""
 
     const size_t k_head = b * k_strides[0] + kvh * k_strides[1];
     const size_t v_head = b * v_strides[0] + kvh * v_strides[1];
+    const size_t k_row = k_head + 4 * lane;
+    const size_t v_row = v_head + 4 * lane;
     const size_t mask_row = mask_shape[0] > 1 ? b * mask_strides[0] : 0;
-    // Every simdgroup takes the same steps (barriers); keys past `end` re-read the last key (in bounds)
-    // and, like masked keys, count as invalid.
-    for (int step = begin; step < end; step += NK * BK) {
+    // A step covers NK * BK keys from `step`, BK of them this simdgroup's from `first`. Staged, every
+    // simdgroup takes every step (barriers). Keys past `end` re-read the last key (in bounds) and, like
+    // masked keys, count as invalid.
+    for (int first = begin + split * BK; (STAGED ? first - split * BK : first) < end; first += NK * BK) {
+        const int step = first - split * BK;
         if (STAGED) {
             threadgroup_barrier(mem_flags::mem_threadgroup);  // every head group is done with the last tile
 #pragma unroll
-            for (int r = 0; r < TILE / (4 * NT); r++) {
+            for (int r = 0; r < (TILE / 4 + NT - 1) / NT; r++) {
                 const int at = 4 * (r * NT + tid);  // tile row at / D (key step + row), dim at % D
+                if (at >= TILE) {
+                    break;  // the last round, when NT does not divide the tile's vectors
+                }
                 const int key = metal::min(step + at / D, end - 1);
                 const f32x4 x = load4(k + k_head + key * k_strides[2] + at % D);
                 const f32x4 y = load4(v + v_head + key * v_strides[2] + at % D);
@@ -109,7 +115,6 @@ PARTIAL = r"""
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
-        const int first = step + split * BK;
         // BK keys' scores. Every load is issued before the first reduction, so that they overlap.
         float s[BK][HPS];  // scores, then softmax weights
         bool valid[BK];
@@ -121,9 +126,8 @@ PARTIAL = r"""
                 s[t][h] = 0.0f;
             }
             for (int j = 0; j < DV; j++) {
-                const int dim = 128 * j + 4 * lane;
-                const f32x4 x = STAGED ? load4(kv_tile + (first - step + t) * D + dim)
-                                       : load4(k + k_head + key * k_strides[2] + dim);
+                const f32x4 x = STAGED ? load4(kv_tile + (first - step + t) * D + 128 * j + 4 * lane)
+                                       : load4(k + k_row + key * k_strides[2] + 128 * j);
                 for (int h = 0; h < HPS; h++) {
                     s[t][h] += qs[h][4 * j] * x.x + qs[h][4 * j + 1] * x.y + qs[h][4 * j + 2] * x.z +
                                qs[h][4 * j + 3] * x.w;
@@ -158,9 +162,8 @@ PARTIAL = r"""
         for (int t = 0; t < BK; t++) {
             const int key = metal::min(first + t, end - 1);
             for (int j = 0; j < DV; j++) {
-                const int dim = 128 * j + 4 * lane;
-                f32x4 x = STAGED ? load4(kv_tile + TILE + (first - step + t) * D + dim)
-                                 : load4(v + v_head + key * v_strides[2] + dim);
+                f32x4 x = STAGED ? load4(kv_tile + TILE + (first - step + t) * D + 128 * j + 4 * lane)
+                                 : load4(v + v_row + key * v_strides[2] + 128 * j);
                 if (!valid[t]) {
                     x = f32x4{0.0f, 0.0f, 0.0f, 0.0f};  // a masked slot may hold anything, NaN included
                 }

@@ -74,6 +74,8 @@ CASES = {
     "full-512-16:1-fp32-padded": lambda: full(16, 1, 512, mx.float32, length=150, padding=[0, 21]),
     # E4B global layer (8:2): two head groups, one tile of float32 keys at a time
     "full-512-8:2-fp32": lambda: full(8, 2, 512, mx.float32, length=200),
+    # 6:1 at d=512: three head groups, whose 96 threads do not divide the staged tile
+    "full-512-12:2-fp16": lambda: full(12, 2, 512, mx.float16, length=100),
     # one query head per kv head: four simdgroups split each chunk's keys, nothing staged
     "sliding-256-4:4-bf16-wrapped": lambda: sliding(4, 4, 256, mx.bfloat16, window=32, steps=9),
     # 2:1 at d=512: four simdgroups split each chunk's keys
