@@ -66,6 +66,15 @@ def test_gemma_shapes(forced, shape, rows):
     check(rows, *GEMMA[shape], mx.bfloat16, 64, 4)
 
 
+@pytest.mark.parametrize("split", qmm.SIMDGROUPS)
+@pytest.mark.parametrize("rows", [1, 8])
+def test_every_split_of_k(split, rows):
+    """Each simdgroups-per-threadgroup choice (the rule picks one per shape) at 31B k_proj's shape."""
+    inputs = (*qmm.quantized_case(rows, 5376, 2048, mx.bfloat16, 64, 4, seed=split), 64, 4)
+    got = qmm.gemv(launcher(backend()), *inputs, split)
+    assert qmm.error(got, qmm.reference(*inputs)) <= qmm.TOLERANCE[mx.bfloat16]
+
+
 def test_prefill_path(monkeypatch):
     """Dequantize-then-matmul on 2048 rows: the weight rounds to bf16, so a looser bound."""
     monkeypatch.setenv(qmm.PATH_ENV, "dequantize")
