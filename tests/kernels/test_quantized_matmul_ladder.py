@@ -15,7 +15,8 @@ from mlx_gemma4.kernels.quantized_matmul import TOLERANCE, error, gemv, gemv_ker
 
 pytestmark = pytest.mark.skipif(not (metal_check.CLANG and metal_emu.CXX), reason="needs clang-19 and clang++-19")
 
-CASE = dict(rows=2, k=384, n=13, dtype=mx.float32, group_size=64, bits=4)  # 13 rows: the last threadgroup overhangs by 3
+# 13 weight rows: the last threadgroup of 4 overhangs by 3
+CASE = dict(rows=2, k=384, n=13, dtype=mx.float32, group_size=64, bits=4)
 
 
 def mutant(old: str, new: str):
@@ -24,9 +25,10 @@ def mutant(old: str, new: str):
 
 
 def run(kernel, launch=metal_emu.run, k=CASE["k"], split=None):
-    x, w, scales, biases = quantized_case(CASE["rows"], k, CASE["n"], CASE["dtype"], CASE["group_size"], CASE["bits"])
-    got = gemv(lambda _, **call: launch(kernel, **call), x, w, scales, biases, CASE["group_size"], CASE["bits"], split)
-    return error(got, reference(x, w, scales, biases, CASE["group_size"], CASE["bits"]))
+    group, bits = CASE["group_size"], CASE["bits"]
+    x, w, scales, biases = quantized_case(CASE["rows"], k, CASE["n"], CASE["dtype"], group, bits)
+    got = gemv(lambda _, **call: launch(kernel, **call), x, w, scales, biases, group, bits, split)
+    return error(got, reference(x, w, scales, biases, group, bits))
 
 
 def test_the_real_body_passes():
