@@ -45,6 +45,7 @@ PARTIAL = r"""
     constexpr bool STAGED = NH > 1;
     constexpr int TILE = NK * BK * D;  // floats of the staged keys, and as many of the values
     constexpr int NT = 32 * NH * NK;   // threads
+    constexpr int ROUNDS = (TILE / 4 + NT - 1) / NT;  // four-float vectors a thread stages of each
     threadgroup float kv_tile[STAGED ? 2 * TILE : 1];
     const uint tid = thread_index_in_threadgroup;
     const uint lane = thread_index_in_simdgroup;
@@ -95,23 +96,28 @@ PARTIAL = r"""
         const int step = first - split * BK;
         if (STAGED) {
             threadgroup_barrier(mem_flags::mem_threadgroup);  // every head group is done with the last tile
+            // All loads first, then all stores, so that a thread's loads are in flight together. When
+            // NT does not divide the tile's vectors, the last round's extra threads redo its last vector.
+            f32x4 kx[ROUNDS];
+            f32x4 vx[ROUNDS];
 #pragma unroll
-            for (int r = 0; r < (TILE / 4 + NT - 1) / NT; r++) {
-                const int at = 4 * (r * NT + tid);  // tile row at / D (key step + row), dim at % D
-                if (at >= TILE) {
-                    break;  // the last round, when NT does not divide the tile's vectors
-                }
+            for (int r = 0; r < ROUNDS; r++) {
+                const int at = metal::min(4 * (r * NT + int(tid)), TILE - 4);  // tile row at / D, dim at % D
                 const int key = metal::min(step + at / D, end - 1);
-                const f32x4 x = load4(k + k_head + key * k_strides[2] + at % D);
-                const f32x4 y = load4(v + v_head + key * v_strides[2] + at % D);
-                kv_tile[at] = x.x;
-                kv_tile[at + 1] = x.y;
-                kv_tile[at + 2] = x.z;
-                kv_tile[at + 3] = x.w;
-                kv_tile[TILE + at] = y.x;
-                kv_tile[TILE + at + 1] = y.y;
-                kv_tile[TILE + at + 2] = y.z;
-                kv_tile[TILE + at + 3] = y.w;
+                kx[r] = load4(k + k_head + key * k_strides[2] + at % D);
+                vx[r] = load4(v + v_head + key * v_strides[2] + at % D);
+            }
+#pragma unroll
+            for (int r = 0; r < ROUNDS; r++) {
+                const int at = metal::min(4 * (r * NT + int(tid)), TILE - 4);
+                kv_tile[at] = kx[r].x;
+                kv_tile[at + 1] = kx[r].y;
+                kv_tile[at + 2] = kx[r].z;
+                kv_tile[at + 3] = kx[r].w;
+                kv_tile[TILE + at] = vx[r].x;
+                kv_tile[TILE + at + 1] = vx[r].y;
+                kv_tile[TILE + at + 2] = vx[r].z;
+                kv_tile[TILE + at + 3] = vx[r].w;
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
