@@ -98,26 +98,30 @@ PARTIAL = r"""
             threadgroup_barrier(mem_flags::mem_threadgroup);  // every head group is done with the last tile
             // All loads first, then all stores, so that a thread's loads are in flight together. When
             // NT does not divide the tile's vectors, the last round's extra threads redo its last vector.
-            f32x4 kx[ROUNDS];
-            f32x4 vx[ROUNDS];
+            float kx[4 * ROUNDS];
+            float vx[4 * ROUNDS];
 #pragma unroll
             for (int r = 0; r < ROUNDS; r++) {
                 const int at = metal::min(4 * (r * NT + int(tid)), TILE - 4);  // tile row at / D, dim at % D
                 const int key = metal::min(step + at / D, end - 1);
-                kx[r] = load4(k + k_head + key * k_strides[2] + at % D);
-                vx[r] = load4(v + v_head + key * v_strides[2] + at % D);
+                const f32x4 x = load4(k + k_head + key * k_strides[2] + at % D);
+                const f32x4 y = load4(v + v_head + key * v_strides[2] + at % D);
+                kx[4 * r] = x.x;
+                kx[4 * r + 1] = x.y;
+                kx[4 * r + 2] = x.z;
+                kx[4 * r + 3] = x.w;
+                vx[4 * r] = y.x;
+                vx[4 * r + 1] = y.y;
+                vx[4 * r + 2] = y.z;
+                vx[4 * r + 3] = y.w;
             }
 #pragma unroll
             for (int r = 0; r < ROUNDS; r++) {
                 const int at = metal::min(4 * (r * NT + int(tid)), TILE - 4);
-                kv_tile[at] = kx[r].x;
-                kv_tile[at + 1] = kx[r].y;
-                kv_tile[at + 2] = kx[r].z;
-                kv_tile[at + 3] = kx[r].w;
-                kv_tile[TILE + at] = vx[r].x;
-                kv_tile[TILE + at + 1] = vx[r].y;
-                kv_tile[TILE + at + 2] = vx[r].z;
-                kv_tile[TILE + at + 3] = vx[r].w;
+                for (int c = 0; c < 4; c++) {
+                    kv_tile[at + c] = kx[4 * r + c];
+                    kv_tile[TILE + at + c] = vx[4 * r + c];
+                }
             }
             threadgroup_barrier(mem_flags::mem_threadgroup);
         }
