@@ -16,9 +16,9 @@ Two passes, so that long global caches (D=512, up to 256K tokens) spread over th
    keys (NK ways). A simdgroup walks its keys BK at a time: each lane holds 4·D/128 dims of its heads'
    queries and outputs, scores are simd_sums, and an online softmax keeps a running max m, sum l and
    unnormalised output. Every simdgroup writes its (m, l, o) partial. Keys and values are read from
-   device memory once: when several simdgroups serve one kv head's query heads (E2B's 8:1, the global
-   layers' 8:1 and 16:2), the threadgroup stages each step's keys and values in threadgroup memory and
-   they all read them there. (The alternative, simdgroups owning slices of the head dim for all G heads,
+   device memory once: when several simdgroups serve one kv head's query heads (G = 8 at either head
+   dim: E2B, 26B-A4B and 31B global; G = 4 at d=512: E4B global), the threadgroup stages each step's
+   keys and values in threadgroup memory and they all read them there. (The alternative, simdgroups owning slices of the head dim for all G heads,
    would repeat every per-head cost, reductions and softmax, once per slice.)
 2. `decode_attention_combine`: a threadgroup per (sequence, query head) rescales the partials to
    their common max and normalises.
