@@ -1,6 +1,7 @@
 """The HTTP app: OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and /health.
 
-Requests are validated (protocol.py, media.py), rendered with the Gemma 4 chat template, and handed
+Requests are validated (protocol.py, media.py), rendered with the Gemma 4 chat template (images and
+audio become their soft-token placeholders: processing.prepare_inputs), and handed
 to the engine's worker thread as jobs; its tokens come back through an asyncio queue. Output is
 split by chat.OutputParser into content, reasoning_content and tool_calls, streamed as deltas.
 A client that goes away cancels its job; every failure is an OpenAI-style error body.
@@ -20,7 +21,9 @@ from starlette.exceptions import HTTPException
 
 from ..api import LocalModel
 from ..chat import OutputParser
+from ..audio_features import AudioError
 from ..generate import SamplingParams
+from ..processing import prepare_inputs
 from . import media as media_parts
 from .engine import Failed, Finished, Job, Overloaded, Token
 from .protocol import APIError, ChatRequest, CompletionRequest, validation_message
@@ -90,15 +93,15 @@ def create_app(lm: LocalModel, api_key: Optional[str] = None, media: Optional[me
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(lm, body.model)
-        found = media_parts.collect(body.messages, media)
+        found = await asyncio.to_thread(media_parts.collect, body.messages, media)  # decoding is CPU work
         if found.images and not lm.info()["vision"] or found.audio and not lm.info()["audio"]:
             kind = "images" if found.images else "audio"
             raise APIError(400, f"model {lm.name!r} does not take {kind} (its checkpoint has no such tower)",
                            param="messages", code="unsupported_media")
         prompt = render(lm, body)
-        ids = lm.tokenizer.encode(prompt, add_special_tokens=False)
+        ids, prompt_media = await encode_chat(lm, prompt, found, body.max_image_tokens)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = make_job(lm, ids, body.max_completion_tokens or body.max_tokens, body, top, request_timeout)
+        job = make_job(lm, ids, body.max_completion_tokens or body.max_tokens, body, top, request_timeout, prompt_media)
         output = ChatOutput(OutputParser.for_prompt(prompt), lm.tokenizer, body.logprobs)
         reply = Reply("chat.completion", lm.name, job, len(ids))
         if body.stream:
@@ -165,7 +168,24 @@ def render(lm: LocalModel, body: ChatRequest) -> str:
         raise APIError(400, f"the messages cannot be rendered: {error}", param="messages") from None
 
 
-def make_job(lm: LocalModel, ids: list, max_tokens: Optional[int], body, top_logprobs, timeout) -> Job:
+async def encode_chat(lm: LocalModel, prompt: str, found: media_parts.MessageMedia, image_tokens: Optional[int]):
+    """(token ids, Media or None) of a rendered chat prompt. With images or audio, prepare_inputs
+    expands each <|image|>/<|audio|> marker into its placeholders and computes the pixels and mel
+    features (in a thread: CPU work that would stall the other clients' streams). It is given the
+    decoded media, so it reads no source itself."""
+    if not (found.images or found.audio):
+        return lm.tokenizer.encode(prompt, add_special_tokens=False), None
+    try:
+        return await asyncio.to_thread(prepare_inputs, lm.model, lm.tokenizer, prompt, images=found.images,
+                                       audio=found.audio, image_tokens=image_tokens)
+    except AudioError as error:  # e.g. a clip shorter than one analysis frame
+        raise APIError(400, f"the audio cannot be used: {error}", param="messages", code="invalid_audio") from None
+    except ValueError as error:  # e.g. <|image|> typed in a message's text: markers and media disagree
+        raise APIError(400, f"the media cannot be placed in the prompt: {error}", param="messages") from None
+
+
+def make_job(lm: LocalModel, ids: list, max_tokens: Optional[int], body, top_logprobs, timeout,
+             media=None) -> Job:
     room = lm.context_length - len(ids)
     if room <= 0:
         raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds {lm.context_length}",
@@ -177,7 +197,7 @@ def make_job(lm: LocalModel, ids: list, max_tokens: Optional[int], body, top_log
                               repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, logit_bias=bias or None, seed=body.seed)
     return Job(prompt=list(ids), emit=None, max_tokens=min(max_tokens or room, room), sampling=sampling,
-               stop=tuple(body.stop or ()), top_logprobs=top_logprobs, timeout=timeout)
+               stop=tuple(body.stop or ()), top_logprobs=top_logprobs, timeout=timeout, media=media)
 
 
 class Reply:

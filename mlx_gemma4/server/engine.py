@@ -6,6 +6,8 @@ is full) and up to `max_active` run at once, interleaved: each turn of the loop 
 request one step, a prefill chunk or one generated token, so a long prompt never stalls the others.
 Each request runs batch 1 on its own prompt cache, so its output is exactly what it would be alone.
 A request that is cancelled (its client went away) or past its deadline leaves at its next turn.
+A prompt with images or audio is prefilled in one turn (its towers, then chunks that keep every
+media span whole: model.run_prompt), on a fresh cache that is not kept afterwards.
 """
 
 import collections
@@ -17,6 +19,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..generate import SamplingParams, stream_generate
+from ..model.gemma4 import Media
 from .sessions import SessionPool
 
 
@@ -54,6 +57,7 @@ class Job:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple = ()
     top_logprobs: Optional[int] = None  # None: no log-probabilities; 0: only the chosen token's
+    media: Optional[Media] = None  # the prompt's images and audio (processing.prepare_inputs)
     timeout: Optional[float] = None  # seconds from submission
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -69,13 +73,19 @@ class _Run:
 
     def __init__(self, job: Job, sessions: SessionPool):
         self.job = job
+        self.stream = None
+        self.generated = 0
+        if job.media:
+            # Placeholder ids do not say which image or clip they stand for, so a media prompt must
+            # neither reuse a cached conversation nor leave one behind: stream_generate gives it a
+            # fresh cache of its own, dropped when the run ends (self.cache stays None: no checkin).
+            self.cache, self.cached = None, 0
+            return
         self.cache = sessions.checkout(job.prompt)
         remaining, _ = self.cache.prepare(job.prompt)
         self.cached = len(job.prompt) - len(remaining)
         # prepare() records the whole prompt; the caches hold only the kept prefix until it is fed.
         del self.cache.tokens[self.cached :]
-        self.stream = None
-        self.generated = 0
 
 
 class Engine:
@@ -201,8 +211,9 @@ class Engine:
     def _advance(self, run: _Run) -> bool:
         """One step of `run`: a prefill chunk, or one token. True when the run is done."""
         job, cache = run.job, run.cache
-        fed = len(cache.tokens)
-        if fed < len(job.prompt) - 1:  # prefill all but the last token here; stream_generate does the rest
+        # Prefill all but the last token here; stream_generate does the rest (and all of a media prompt).
+        if cache is not None and len(cache.tokens) < len(job.prompt) - 1:
+            fed = len(cache.tokens)
             chunk = job.prompt[fed : min(fed + self.prefill_step, len(job.prompt) - 1)]
             self.model(mx.array(chunk, dtype=mx.int32)[None], cache=cache.cache, logits_to_keep=1)
             mx.eval([c.keys for c in cache.cache])
@@ -211,7 +222,8 @@ class Engine:
         if run.stream is None:
             run.stream = stream_generate(self.model, self.tokenizer, job.prompt, max_tokens=job.max_tokens,
                                          sampling=job.sampling, stop=job.stop, prompt_cache=cache,
-                                         return_logprobs=job.top_logprobs is not None)
+                                         return_logprobs=job.top_logprobs is not None, media=job.media,
+                                         kv_quant=self._kv_quant)  # the media prompt's fresh cache
         elif job.sampling.seed is not None:
             # Other requests draw from the global generator in between: reseed from (seed, step).
             mx.random.seed((job.sampling.seed * 1_000_003 + run.generated) % 2**32)

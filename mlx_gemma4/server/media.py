@@ -3,17 +3,19 @@
 Sources: data: URLs (base64), and local paths / file:// URLs only under the server's allowed
 folder (off by default). Remote http(s) URLs are not fetched: a local server that fetches what a
 request names could be pointed at the user's intranet. Every failure is a 400 naming the part.
+What comes out (Pillow images, 16 kHz waveforms) is what processing.prepare_inputs takes, so it
+never reads a source itself.
 """
 
 import base64
 import binascii
 import io
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
+from ..audio_features import AudioError, load_audio
 from .protocol import APIError, AudioPart, ImagePart, Message
 
 
@@ -27,7 +29,7 @@ class MediaPolicy:
 @dataclass
 class MessageMedia:
     images: list  # decoded RGB Pillow images, in prompt order
-    audio: list  # raw audio file bytes (validated), in prompt order
+    audio: list  # float32 mono 16 kHz waveforms, in prompt order
 
 
 def collect(messages: list[Message], policy: MediaPolicy) -> MessageMedia:
@@ -44,9 +46,7 @@ def collect(messages: list[Message], policy: MediaPolicy) -> MessageMedia:
                 if len(media.audio) == policy.max_audio:
                     raise APIError(400, f"too many audio inputs: this server takes at most {policy.max_audio} per request",
                                    param=where, code="too_many_audio")
-                data = decode_base64(part.input_audio.data, where)
-                check_audio(data, part.input_audio.format, where)
-                media.audio.append(data)
+                media.audio.append(decode_audio(decode_base64(part.input_audio.data, where), where))
     return media
 
 
@@ -101,15 +101,10 @@ def decode_image(data: bytes, where: str):
     return image.convert("RGB")
 
 
-def check_audio(data: bytes, format: str, where: str):
-    """WAV is decoded here; other formats need the audio feature extractor's decoder."""
-    if format != "wav":
-        raise APIError(400, f"{where}: audio format {format!r} is not supported; send wav", param=where,
-                       code="invalid_audio")
+def decode_audio(data: bytes, where: str):
+    """The clip as audio_features.load_audio reads it (by its content; `format` is not trusted)."""
     try:
-        with wave.open(io.BytesIO(data)) as reader:
-            if reader.getnframes() == 0:
-                raise wave.Error("no samples")
-    except (wave.Error, EOFError) as error:
-        raise APIError(400, f"{where}: the audio could not be decoded as WAV ({error})", param=where,
+        return load_audio(data)
+    except AudioError as error:
+        raise APIError(400, f"{where}: the audio could not be decoded ({error})", param=where,
                        code="invalid_audio") from None
