@@ -18,7 +18,7 @@ combine pass then merges the partials. Prefill (L > 1) and the CPU take the refe
 dequantizes the rotated keys and values and runs MLX's fused attention.
 """
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import mlx.core as mx
 
@@ -172,14 +172,73 @@ partial_kernel = Kernel(
 )
 
 Mask = Union[None, str, mx.array]
+KEY_TILE = 1024  # keys the reference dequantizes at a time: float32 temporaries stay O(tile), not O(cache)
+FLOOR = -1e30  # the kernel's running-max floor: a row with no visible key yet
 
 
-def reference(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, mask: Mask = None) -> mx.array:
-    """The definition in MLX ops: dequantized rotated keys/values, MLX attention, one inverse rotation."""
-    q = k_codec.rotate(queries) * scale
-    keys, values = k_codec.decode_rotated(k_rows), v_codec.decode_rotated(v_rows)
-    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+class Recent(NamedTuple):
+    """The newest keys/values in full precision ([B, HKV, R, D]), read instead of their codes.
+
+    `packed_mask` [B|1, 1, L, S] hides the packed copies of those keys, `mask` [B|1, 1, L, R] says
+    which full-precision keys each query reads (quantized_cache.py builds both from positions)."""
+
+    keys: mx.array
+    values: mx.array
+    packed_mask: mx.array
+    mask: mx.array
+
+
+def reference(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, mask: Mask = None,
+              recent: Optional[Recent] = None) -> mx.array:
+    """The definition in MLX ops, tile by tile over the keys with an online softmax: dequantized
+    rotated keys/values (and the rotated full-precision recent ones), one inverse rotation."""
+    batch, n_heads, length, dim = queries.shape
+    n_kv, total = k_rows.shape[1], k_rows.shape[2]
+    q = (k_codec.rotate(queries) * scale).reshape(batch, n_kv, n_heads // n_kv, length, dim)
+    mask = _packed_mask(mask, recent, length, total)
+    tiles = _tiles(k_rows, v_rows, k_codec, v_codec, mask, recent, length)
+    m = mx.full((batch, n_kv, n_heads // n_kv, length, 1), FLOOR, mx.float32)
+    l, o = mx.zeros_like(m), mx.zeros(q.shape, mx.float32)
+    for keys, values, visible in tiles:
+        scores = q @ keys[:, :, None].swapaxes(-1, -2)
+        if visible is not None:
+            visible = visible[:, :, None]  # [B|1, 1, 1, L, T] over the GQA group
+            scores = mx.where(visible, scores, FLOOR)
+        m_new = mx.maximum(m, mx.max(scores, axis=-1, keepdims=True))
+        p = mx.exp(scores - m_new)
+        if visible is not None:
+            p = mx.where(visible, p, 0.0)  # a row with nothing visible yet keeps l = 0
+        rescale = mx.exp(m - m_new)
+        l = l * rescale + mx.sum(p, axis=-1, keepdims=True)
+        o = o * rescale + p @ values[:, :, None]
+        m = m_new
+        if total > KEY_TILE:
+            mx.eval(m, l, o)  # one tile's float32 keys/values alive at a time
+    out = mx.where(l > 0, o / mx.maximum(l, 1e-30), 0.0).reshape(batch, n_heads, length, dim)
     return v_codec.unrotate(out).astype(queries.dtype)
+
+
+def _tiles(k_rows, v_rows, k_codec, v_codec, mask, recent: Optional[Recent], length: int):
+    """(rotated keys, rotated values, mask) a tile at a time, made only when the loop reaches it."""
+    for a in range(0, k_rows.shape[2], KEY_TILE):
+        b = a + KEY_TILE
+        yield k_codec.decode_rotated(k_rows[:, :, a:b]), v_codec.decode_rotated(v_rows[:, :, a:b]), _tile(mask, a, b)
+    if recent is not None:
+        yield k_codec.rotate(recent.keys), v_codec.rotate(recent.values), recent.mask[..., -length:, :]
+
+
+def _packed_mask(mask: Mask, recent: Optional[Recent], length: int, total: int):
+    """The boolean mask [B|1, 1, L, S] or None the packed keys are read under."""
+    if isinstance(mask, str):
+        mask = (mx.arange(total - length, total)[:, None] >= mx.arange(total)[None])[None, None]
+    if recent is None:
+        return mask
+    hidden = recent.packed_mask[..., -length:, :]  # KV-shared layers may keep only the last queries
+    return hidden if mask is None else mask & hidden
+
+
+def _tile(mask, begin: int, end: int):
+    return None if mask is None else mask[..., begin:end]
 
 
 def supports(queries, k_codec, v_codec, mask: Mask) -> bool:
@@ -191,21 +250,25 @@ def supports(queries, k_codec, v_codec, mask: Mask) -> bool:
     )
 
 
-def tq_attention(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, mask: Mask = None) -> mx.array:
+def tq_attention(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, mask: Mask = None,
+                 recent: Optional[Recent] = None) -> mx.array:
     """[B, HQ, L, D] attention outputs on this device's kernel (decode), or the reference."""
     on = backend()
     if on != "reference" and supports(queries, k_codec, v_codec, mask):
         decode_mask = mask if isinstance(mask, mx.array) else None  # a lone newest query: "causal" is no mask
+        decode_mask = _packed_mask(decode_mask, recent, 1, k_rows.shape[2])
         group = queries.shape[1] // k_rows.shape[1]
         config = (on, queries.shape[3], group, k_codec.bits, v_codec.bits, decode_mask is not None)
         if usable(("tq_attention", *config), lambda: _probe(*config)):
-            return attend(launcher(on), queries, k_rows, v_rows, k_codec, v_codec, scale, decode_mask)
-    return reference(queries, k_rows, v_rows, k_codec, v_codec, scale, mask)
+            return attend(launcher(on), queries, k_rows, v_rows, k_codec, v_codec, scale, decode_mask, recent)
+    return reference(queries, k_rows, v_rows, k_codec, v_codec, scale, mask, recent)
 
 
 def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0,
-           mask: Optional[mx.array] = None) -> mx.array:
-    """The kernel path: rotate q, both passes through `launch`, rotate the output back."""
+           mask: Optional[mx.array] = None, recent: Optional[Recent] = None) -> mx.array:
+    """The kernel path: rotate q, both passes through `launch`, merge the recent window, rotate back.
+
+    `mask` covers the packed keys only (the recent window's packed copies hidden already)."""
     batch, n_heads, _, dim = queries.shape
     n_kv, length = k_rows.shape[1], k_rows.shape[2]
     group = n_heads // n_kv
@@ -251,7 +314,35 @@ def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: f
         output_shapes=[(batch, n_heads, 1, dim)],
         output_dtypes=[mx.float32],
     )
+    if recent is not None:
+        out = _merge_recent(out, ml, queries, recent, v_codec, scale)
     return v_codec.unrotate(out).astype(queries.dtype)
+
+
+def _merge_recent(out, ml, queries, recent: Recent, v_codec, scale: float) -> mx.array:
+    """Merge the packed keys' normalized output with attention over the full-precision recent keys.
+
+    The packed part's log-sum-exp comes from the partials' (m, l); the recent keys (at most the
+    window) are attended in MLX ops and their output rotated into the values' basis."""
+    batch, n_heads, _, dim = queries.shape
+    n_kv = recent.keys.shape[1]
+    m_parts, l_parts = ml[..., 0], ml[..., 1]
+    m_packed = mx.max(m_parts, axis=1)
+    l_packed = mx.sum(mx.exp(m_parts - m_packed[:, None]) * l_parts, axis=1)
+    q = (queries.astype(mx.float32) * scale).reshape(batch, n_kv, n_heads // n_kv, 1, dim)
+    scores = q @ recent.keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
+    visible = recent.mask[..., -1:, :][:, :, None]
+    scores = mx.where(visible, scores, FLOOR)
+    m_recent = mx.max(scores, axis=-1, keepdims=True)
+    p = mx.where(visible, mx.exp(scores - m_recent), 0.0)
+    o_recent = v_codec.rotate(p @ recent.values.astype(mx.float32)[:, :, None]).reshape(batch, n_heads, 1, dim)
+    l_recent = mx.sum(p, axis=-1).reshape(batch, n_heads, 1, 1)
+    m_recent = m_recent.reshape(batch, n_heads, 1, 1)
+    m_packed, l_packed = m_packed.reshape(batch, n_heads, 1, 1), l_packed.reshape(batch, n_heads, 1, 1)
+    top = mx.maximum(m_packed, m_recent)
+    w_packed, w_recent = l_packed * mx.exp(m_packed - top), mx.exp(m_recent - top)
+    total = w_packed + w_recent * l_recent
+    return mx.where(total > 0, (w_packed * out + w_recent * o_recent) / mx.maximum(total, 1e-30), 0.0)
 
 
 TOLERANCE = 1e-4  # max abs error against the reference on the same codes, float32 outputs ~N(0, 1)

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_gemma4.kernels import tq_attention
 from mlx_gemma4.kernels.tq_attention import reference as tq_reference
 from mlx_gemma4.kernels.tq_encode import reference as encode_reference
 from mlx_gemma4.turboquant.codebook import lloyd_max
@@ -131,13 +132,33 @@ def test_prefill_and_decode_encode_identically():
     assert mx.array_equal(whole, one_by_one).item()
 
 
-@pytest.mark.parametrize("length,mask", [(1, None), (5, "causal")])
-def test_attention_in_the_rotated_basis_equals_attention_on_dequantized_vectors(length, mask):
+@pytest.mark.parametrize("tile", [16, 1024])
+@pytest.mark.parametrize("length,mask", [(1, None), (5, "causal"), (3, "array")])
+def test_attention_in_the_rotated_basis_equals_attention_on_dequantized_vectors(length, mask, tile, monkeypatch):
+    """Also tile by tile (16 keys a tile: 5 tiles, the last one partial) with an online softmax."""
+    monkeypatch.setattr(tq_attention, "KEY_TILE", tile)
     dim, heads, kv_heads, keys = 256, 8, 2, 70
     k_codec, v_codec = TurboQuantCodec(dim, 4, 0), TurboQuantCodec(dim, 3, 1)
     q = mx.random.normal((2, heads, length, dim), key=mx.random.key(1))
     k = k_codec.encode(mx.random.normal((2, kv_heads, keys, dim), key=mx.random.key(2)))
     v = v_codec.encode(mx.random.normal((2, kv_heads, keys, dim), key=mx.random.key(3)))
+    if mask == "array":  # left padding of 20 keys in the second row
+        mask = (mx.arange(keys) >= mx.array([0, 20])[:, None])[:, None, None]
     got = tq_reference(q, k, v, k_codec, v_codec, 0.0625, mask)
     want = mx.fast.scaled_dot_product_attention(q, k_codec.decode(k), v_codec.decode(v), scale=0.0625, mask=mask)
     assert mx.abs(got - want).max().item() < 1e-4
+
+
+def test_prefill_reference_dequantizes_tile_by_tile():
+    """A prefill chunk over a long packed cache never holds the whole cache as float32."""
+    dim, kv_heads, keys = 256, 2, 16384
+    k_codec, v_codec = TurboQuantCodec(dim, 4, 0), TurboQuantCodec(dim, 4, 1)
+    k = k_codec.encode(mx.random.normal((1, kv_heads, keys, dim), key=mx.random.key(2)))
+    v = v_codec.encode(mx.random.normal((1, kv_heads, keys, dim), key=mx.random.key(3)))
+    q = mx.random.normal((1, 4 * kv_heads, 8, dim), key=mx.random.key(1))
+    mx.eval(k, v, q)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(tq_reference(q, k, v, k_codec, v_codec, 0.0625, "causal"))
+    whole_cache_float32 = 2 * kv_heads * keys * dim * 4  # keys and values
+    assert mx.get_peak_memory() - before < whole_cache_float32 / 4
