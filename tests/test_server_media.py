@@ -136,7 +136,6 @@ def test_local_file_in_the_allowed_folder_answers_as_its_data_url(served, direct
 
 def test_media_prompts_interleave_cancel_and_leave_the_sessions_alone(served):
     url, lm, _ = served
-    api = client(url)
     requests = [image_messages(image_url(seed=5)), audio_messages(wav_base64(0.8, 1)),
                 [{"role": "user", "content": "w10 w11 w12"}], image_messages(image_url(30, 60, 6), "w30")]  # fmt: skip
     alone = [ask(url, m, max_tokens=12).choices[0].message.content for m in requests]

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-IMAGE_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+from ..model.gemma4 import IMAGE_BUDGETS
 
 
 class APIError(Exception):
@@ -150,7 +150,7 @@ class ChatRequest(_GenerationRequest):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    max_image_tokens: Optional[Literal[IMAGE_TOKEN_BUDGETS]] = None  # extension: soft tokens per image
+    max_image_tokens: Optional[Literal[IMAGE_BUDGETS]] = None  # extension: soft tokens per image
 
 
 class CompletionRequest(_GenerationRequest):
