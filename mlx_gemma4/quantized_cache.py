@@ -7,8 +7,14 @@ caches' own, unchanged. `update_and_fetch` encodes the new tokens (the only enco
 `Packed` rows that attention reads directly (`quantized_attention`); KV-shared layers receive their
 producer's `Packed` rows and attend to them the same way.
 
+With `recent=R` (TurboQuant) a cache also keeps its newest R tokens' keys/values in full precision
+in a small ring (cache.py's SlidingCache): every token is still encoded on append, and a query reads
+a key from the ring while the key is among its R newest, from the codes once it is older. Both
+prefill and decode follow that rule, so they stay equal; masks built from positions say which copy
+each query reads (kernels/tq_attention.py merges the two parts).
+
 `KVQuantConfig` is the one object callers pass around (API, CLI, server):
-    KVQuantConfig("turboquant", bits=4, bits_v=3)  or  KVQuantConfig("affine", bits=8)
+    KVQuantConfig("turboquant", bits=4, bits_v=3, recent=64)  or  KVQuantConfig("affine", bits=8)
 """
 
 from dataclasses import dataclass
@@ -19,7 +25,8 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import DEFAULT_ROLLBACK, FullCache, SlidingCache
-from .kernels.tq_attention import tq_attention
+from .kernels.tq_attention import Recent, tq_attention
+from .model.layers import attention_mask
 from .turboquant.codec import TurboQuantCodec
 from .turboquant.rotation import layer_seed
 
@@ -36,6 +43,7 @@ class KVQuantConfig:
     bits_v: Optional[int] = None
     seed: int = 0  # TurboQuant: the rotations' seed
     group_size: int = 64  # affine: elements a scale/bias covers (at most the head dim)
+    recent: int = 0  # TurboQuant: newest tokens also kept in full precision (0: none)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -48,6 +56,9 @@ class KVQuantConfig:
                 raise ValueError(f"{self.scheme} KV {name}={bits}: choose one of {', '.join(map(str, allowed))}")
         if self.scheme == "affine" and self.group_size not in (32, 64, 128):
             raise ValueError(f"affine group_size must be 32, 64 or 128, got {self.group_size}")
+        if self.recent < 0 or (self.recent and self.scheme != "turboquant"):
+            raise ValueError(f"recent={self.recent}: a full-precision recent window is a number of tokens >= 0, "
+                             "for the turboquant scheme only")
 
     @property
     def value_bits(self) -> int:
@@ -69,7 +80,7 @@ class KVQuantConfig:
         if not self.enabled:
             return "bf16"
         bits = f"{self.bits}" if self.bits_v is None else f"{self.bits}/{self.value_bits}"
-        return f"{self.scheme} {bits}"
+        return f"{self.scheme} {bits}" + (f" + recent {self.recent}" if self.recent else "")
 
 
 @lru_cache(maxsize=None)
@@ -102,49 +113,100 @@ class AffineCodec:
 
 
 class Packed(NamedTuple):
-    """Packed rows [B, HKV, S, row words] of keys or values and the codec that reads them."""
+    """Packed rows [B, HKV, S, row words] of keys or values and the codec that reads them; a key
+    `Packed` also carries the full-precision recent window, when there is one."""
 
     rows: mx.array
     codec: Union[TurboQuantCodec, AffineCodec]
+    recent: Optional[Recent] = None
 
 
 class _Quantized:
-    """Mixin over a plain cache: encode on append, hand attention `Packed` rows."""
+    """Mixin over a plain cache: encode on append, hand attention `Packed` rows (and the recent window)."""
 
-    def _codecs(self, key_codec, value_codec):
+    def _codecs(self, key_codec, value_codec, recent: int, rollback: int):
         self.key_codec, self.value_codec = key_codec, value_codec
+        self.recent = SlidingCache(recent, rollback=rollback) if recent else None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
+        if self.recent is None:
+            k, v = super().update_and_fetch(self.key_codec.encode(keys), self.value_codec.encode(values))
+            return Packed(k, self.key_codec), Packed(v, self.value_codec)
+        length, start, window = keys.shape[2], self.offset, self.recent.window
+        packed_positions = self.key_positions(length)
+        recent_positions = self.recent.key_positions(length)
         k, v = super().update_and_fetch(self.key_codec.encode(keys), self.value_codec.encode(values))
-        return Packed(k, self.key_codec), Packed(v, self.value_codec)
+        recent_keys, recent_values = self.recent.update_and_fetch(keys, values)
+        distance = np.arange(start, start + length)[:, None] - packed_positions[None]
+        in_window = (distance >= 0) & (distance < window) & (packed_positions >= 0)
+        recent = Recent(
+            recent_keys,
+            recent_values,
+            packed_mask=mx.array(~in_window[None, None]),
+            mask=attention_mask(start, length, recent_positions, window, self.left_padding),
+        )
+        return Packed(k, self.key_codec, recent), Packed(v, self.value_codec)
+
+    def can_trim(self, count: int) -> bool:
+        return super().can_trim(count) and (self.recent is None or self.recent.can_trim(min(count, self.offset)))
+
+    def trim(self, count: int) -> int:
+        if self.recent is not None and not self.recent.can_trim(min(count, self.offset)):
+            raise ValueError(f"cannot roll back {count} tokens: the full-precision recent window keeps "
+                             f"{self.recent.rollback} tokens of slack")
+        count = super().trim(count)
+        if self.recent is not None:
+            self.recent.trim(count)
+        return count
+
+    def _plain(self):
+        """The plain cache class this one extends (its `state` property)."""
+        return next(k for k in type(self).__mro__ if k in (FullCache, SlidingCache))
+
+    @property
+    def state(self):
+        state = self._plain().state.fget(self)
+        return state if self.recent is None else (*state, *self.recent.state)
+
+    @state.setter
+    def state(self, value):
+        if self.recent is not None:
+            *value, keys, values, positions = value
+            self.recent.state = (keys, values, positions)
+        self._plain().state.fset(self, tuple(value))
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + (0 if self.recent is None else self.recent.nbytes)
 
 
 class QuantizedFullCache(_Quantized, FullCache):
-    def __init__(self, key_codec, value_codec, left_padding: Optional[np.ndarray] = None):
+    def __init__(self, key_codec, value_codec, recent: int = 0, rollback: int = DEFAULT_ROLLBACK,
+                 left_padding: Optional[np.ndarray] = None):
         super().__init__(left_padding=left_padding)
-        self._codecs(key_codec, value_codec)
+        self._codecs(key_codec, value_codec, recent, rollback)
 
 
 class QuantizedSlidingCache(_Quantized, SlidingCache):
-    def __init__(self, key_codec, value_codec, window: int, rollback: int = DEFAULT_ROLLBACK,
+    def __init__(self, key_codec, value_codec, window: int, recent: int = 0, rollback: int = DEFAULT_ROLLBACK,
                  left_padding: Optional[np.ndarray] = None):
         super().__init__(window, rollback=rollback, left_padding=left_padding)
-        self._codecs(key_codec, value_codec)
+        self._codecs(key_codec, value_codec, min(recent, window), rollback)
 
 
 def make_quantized_cache(config: KVQuantConfig, spec, window: int, left_padding=None, rollback=None):
     """The quantized cache of one KV-owning layer (`spec`: config.LayerSpec)."""
     codecs = config.codecs(spec.index, spec.head_dim)
-    if not spec.is_sliding:
-        return QuantizedFullCache(*codecs, left_padding=left_padding)
     extra = {} if rollback is None else {"rollback": rollback}
-    return QuantizedSlidingCache(*codecs, window, left_padding=left_padding, **extra)
+    if not spec.is_sliding:
+        return QuantizedFullCache(*codecs, recent=config.recent, left_padding=left_padding, **extra)
+    return QuantizedSlidingCache(*codecs, window, recent=config.recent, left_padding=left_padding, **extra)
 
 
 def quantized_attention(queries: mx.array, keys: Packed, values: Packed, scale: float, mask=None) -> mx.array:
     """Attention of [B, HQ, L, D] queries over packed keys/values (mask as the model builds it)."""
     if isinstance(keys.codec, TurboQuantCodec):
-        return tq_attention(queries, keys.rows, values.rows, keys.codec, values.codec, scale, mask)
+        return tq_attention(queries, keys.rows, values.rows, keys.codec, values.codec, scale, mask, keys.recent)
     return _affine_attention(queries, keys, values, scale, mask)
 
 

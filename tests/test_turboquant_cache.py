@@ -13,6 +13,7 @@ from mlx_gemma4.prompt_cache import PromptCache
 from mlx_gemma4.quantized_cache import KVQuantConfig, QuantizedSlidingCache, make_quantized_cache
 
 TQ = KVQuantConfig("turboquant", bits=4, bits_v=3)
+TQ_RECENT = KVQuantConfig("turboquant", bits=4, bits_v=3, recent=16)  # the bundled window is 64
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def run_one_by_one(model, ids, cache):
     return mx.concatenate([model(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], axis=1)
 
 
-@pytest.mark.parametrize("kv_quant", [TQ, KVQuantConfig("affine", bits=8)], ids=str)
+@pytest.mark.parametrize("kv_quant", [TQ, TQ_RECENT, KVQuantConfig("affine", bits=8)], ids=str)
 def test_every_layer_is_quantized_and_decode_matches_prefill(model, kv_quant):
     ids = tokens(110)
     cache = model.make_cache(kv_quant=kv_quant)
@@ -52,6 +53,24 @@ def test_quantized_logits_stay_close_to_the_plain_cache(model):
         assert 0 < kl < budget, (kv_quant, kl)
 
 
+def test_a_recent_window_longer_than_the_context_is_the_plain_cache(model):
+    """Every query reads every key from the full-precision window: the codes are never read."""
+    ids = tokens(100, seed=6)
+    cache = model.make_cache(kv_quant=KVQuantConfig("turboquant", 2, recent=128))
+    got = mx.concatenate([model(ids[:, :70], cache=cache), run_one_by_one(model, ids[:, 70:], cache)], axis=1)
+    assert mx.abs(got - model(ids)).max().item() < 1e-4
+
+
+def test_recent_window_brings_tq_closer_to_the_plain_cache(model):
+    ids = tokens(150, seed=1)
+    plain = mx.softmax(model(ids), axis=-1)
+    kls = []
+    for kv_quant in (KVQuantConfig("turboquant", 3), KVQuantConfig("turboquant", 3, recent=16)):
+        quantized = mx.softmax(model(ids, cache=model.make_cache(kv_quant=kv_quant)), axis=-1)
+        kls.append(mx.sum(plain * (mx.log(plain) - mx.log(quantized)), axis=-1).mean().item())
+    assert 0 < kls[1] < kls[0] / 2, kls
+
+
 def test_kv_shared_layers_attend_to_the_producers_packed_rows(model, monkeypatch):
     calls = []
     original = text.quantized_attention
@@ -64,28 +83,30 @@ def test_kv_shared_layers_attend_to_the_producers_packed_rows(model, monkeypatch
         assert calls[spec.index] is cache[spec.kv_source].key_codec
 
 
-def test_trim_after_the_ring_wrapped_equals_a_fresh_run(model):
+@pytest.mark.parametrize("kv_quant", [TQ, TQ_RECENT], ids=str)
+def test_trim_after_the_ring_wrapped_equals_a_fresh_run(model, kv_quant):
     window = model.config.sliding_window
     ids, other = tokens(window + 50, seed=2), tokens(4, seed=3)
-    cache = model.make_cache(kv_quant=TQ)
+    cache = model.make_cache(kv_quant=kv_quant)
     model(ids, cache=cache)
     assert all(c.can_trim(6) for c in cache)
     for c in cache:
         c.trim(6)
     got = run_one_by_one(model, other, cache)
-    fresh = model.make_cache(kv_quant=TQ)
+    fresh = model.make_cache(kv_quant=kv_quant)
     model(ids[:, :-6], cache=fresh)
     want = run_one_by_one(model, other, fresh)
     assert mx.abs(got - want).max().item() < 2e-3
 
 
-def test_prompt_cache_saves_and_restores_quantized_state(model, tmp_path):
-    saved = PromptCache(model, TQ)
+@pytest.mark.parametrize("kv_quant", [TQ, TQ_RECENT], ids=str)
+def test_prompt_cache_saves_and_restores_quantized_state(model, tmp_path, kv_quant):
+    saved = PromptCache(model, kv_quant)
     ids = tokens(100, seed=4)
     model(ids, cache=saved.cache)
     saved.tokens = ids[0].tolist()
     saved.save(tmp_path / "c.safetensors")
-    restored = PromptCache.load(tmp_path / "c.safetensors", model, TQ)
+    restored = PromptCache.load(tmp_path / "c.safetensors", model, kv_quant)
     step = tokens(1, seed=5)
     want = model(step, cache=saved.cache)
     got = model(step, cache=restored.cache)
@@ -119,7 +140,12 @@ def test_bad_configs_are_refused():
         KVQuantConfig("turboquant", 4, bits_v=5)
     with pytest.raises(ValueError, match="choose one of 4, 8"):
         KVQuantConfig("affine", 3)
+    with pytest.raises(ValueError, match="recent=16"):
+        KVQuantConfig("affine", 8, recent=16)
+    with pytest.raises(ValueError, match="recent=-1"):
+        KVQuantConfig("turboquant", 4, recent=-1)
     assert str(KVQuantConfig("turboquant", 4, 3)) == "turboquant 4/3"
+    assert str(TQ_RECENT) == "turboquant 4/3 + recent 16"
 
 
 def test_cli_refuses_bad_kv_bits_in_one_line(capsys):

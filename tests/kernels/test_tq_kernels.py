@@ -88,6 +88,30 @@ def test_cache_views_are_read_through_strides():
     assert mx.abs(got - want).max().item() <= tq_attention.TOLERANCE
 
 
+@pytest.mark.parametrize("padding", [(0, 0), (0, 150)], ids=["full", "a row with only recent keys"])
+def test_recent_window_merges_with_the_packed_keys(padding):
+    """The newest 24 keys read in full precision (their packed copies hidden), merged by log-sum-exp."""
+    q, k, v, k_codec, v_codec, mask = attention_case(256, 4, 4, 3, 170, padding)
+    window, length = 24, 170
+    keys = mx.random.split(mx.random.key(9), 2)
+    recent = tq_attention.Recent(
+        mx.random.normal((2, 2, window, 256), key=keys[0]),
+        mx.random.normal((2, 2, window, 256), key=keys[1]),
+        packed_mask=(mx.arange(length) < length - window)[None, None, None],
+        mask=(mx.arange(window) >= mx.array([0, 5])[:, None])[:, None, None],
+    )
+    packed = mask[:, None, None] & recent.packed_mask
+    got = tq_attention.attend(metal_emu.run, q, k, v, k_codec, v_codec, 1.0, packed, recent)
+    want = tq_attention.reference(q, k, v, k_codec, v_codec, 1.0, mask[:, None, None], recent)
+    assert mx.abs(got - want).max().item() <= tq_attention.TOLERANCE
+    # the same attention over all keys dequantized and the recent ones appended
+    all_k = mx.concatenate([k_codec.decode(k), recent.keys], axis=2)
+    all_v = mx.concatenate([v_codec.decode(v), recent.values], axis=2)
+    all_mask = mx.concatenate([mx.broadcast_to(packed, (2, 1, 1, length)), recent.mask], axis=-1)
+    plain = mx.fast.scaled_dot_product_attention(q, all_k, all_v, scale=1.0, mask=all_mask)
+    assert mx.abs(got - plain).max().item() <= tq_attention.TOLERANCE
+
+
 def test_masked_slots_holding_nan_contribute_nothing():
     q, k, v, k_codec, v_codec, mask = attention_case(256, 2, 4, 4, 80)
     v = np.array(v)

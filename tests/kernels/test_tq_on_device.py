@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_gemma4.kernels import backend
-from mlx_gemma4.kernels.tq_attention import TOLERANCE, reference, tq_attention
+from mlx_gemma4.kernels.tq_attention import TOLERANCE, Recent, reference, tq_attention
 from mlx_gemma4.kernels.tq_encode import encode
 from mlx_gemma4.kernels.tq_encode import reference as encode_reference
 from mlx_gemma4.turboquant.codec import TurboQuantCodec
@@ -41,4 +41,23 @@ def test_decode_attention_matches_reference(length, dim, group, k_bits, v_bits):
     mask = (mx.arange(length) >= length // 3)[None, None, None] if length > 1 else None
     got = tq_attention(q.astype(mx.float32), k, v, k_codec, v_codec, 1.0, mask)
     want = reference(q.astype(mx.float32), k, v, k_codec, v_codec, 1.0, mask)
+    assert mx.abs(got - want).max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("length", [1, 4096, 131072])
+def test_decode_attention_with_a_recent_window_matches_reference(length):
+    """The newest 64 keys in full precision, merged with the kernel's packed partials."""
+    dim, group, n_kv, window = 512, 8, 2, 64
+    k_codec, v_codec = TurboQuantCodec(dim, 4, 1), TurboQuantCodec(dim, 4, 2)
+    keys = mx.random.split(mx.random.key(length), 5)
+    q = mx.random.normal((1, n_kv * group, 1, dim), key=keys[0])
+    k = k_codec.encode(mx.random.normal((1, n_kv, length, dim), key=keys[1]).astype(mx.bfloat16))
+    v = v_codec.encode(mx.random.normal((1, n_kv, length, dim), key=keys[2]).astype(mx.bfloat16))
+    newest = min(window, length)
+    recent = Recent(mx.random.normal((1, n_kv, newest, dim), key=keys[3]),
+                    mx.random.normal((1, n_kv, newest, dim), key=keys[4]),
+                    packed_mask=(mx.arange(length) < length - newest)[None, None, None],
+                    mask=mx.ones((1, 1, 1, newest), mx.bool_))
+    got = tq_attention(q, k, v, k_codec, v_codec, 1.0, None, recent)
+    want = reference(q, k, v, k_codec, v_codec, 1.0, None, recent)
     assert mx.abs(got - want).max().item() <= TOLERANCE
