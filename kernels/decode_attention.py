@@ -12,14 +12,10 @@ A row with no valid key gives zeros.
 
 Two passes, so that long global caches (D=512, up to 256K tokens) spread over the whole GPU:
 1. `decode_attention_partial`: a threadgroup per (sequence, kv head, chunk of keys). Its simdgroups
-   split the G query heads (HPS each, as many as the registers hold) and, when G is small, the chunk's
-   keys (NK ways). A simdgroup walks its keys BK at a time: each lane holds 4·D/128 dims of its heads'
-   queries and outputs, scores are simd_sums, and an online softmax keeps a running max m, sum l and
-   unnormalised output. Every simdgroup writes its (m, l, o) partial. Keys and values are read from
-   device memory once: when several simdgroups serve one kv head's query heads (G = 8 at either head
-   dim: E2B, 26B-A4B and 31B global; G = 4 at d=512: E4B global), the threadgroup stages each step's
-   keys and values in threadgroup memory and they all read them there. (The alternative, simdgroups owning slices of the head dim for all G heads,
-   would repeat every per-head cost, reductions and softmax, once per slice.)
+   split the G query heads (HPS each) and, when G is small, the chunk's keys (NK ways). A simdgroup
+   walks its keys BK at a time: each lane holds 4·D/128 dims of its heads' queries and outputs,
+   scores are simd_sums, and an online softmax keeps a running max m, sum l and unnormalised output.
+   Every simdgroup writes its (m, l, o) partial; keys and values are read once per kv head.
 2. `decode_attention_combine`: a threadgroup per (sequence, query head) rescales the partials to
    their common max and normalises.
 Cache views (FullCache hands out a prefix of a larger buffer) are read in place through strides,
@@ -40,14 +36,6 @@ PARTIAL = r"""
     constexpr int NH = G / HPS;     // simdgroups across the kv head's query heads
     constexpr int DV = D / 128;     // lane l holds dims 128 * j + 4 * l + c, j < DV, c < 4
     constexpr float FLOOR = -1e30f; // running max before any key: finite, so m - m_new is never inf - inf
-    // With several head groups, each step's NK * BK keys and values are staged in threadgroup memory
-    // (as floats: converted once) and every head group reads them there, not from device memory.
-    constexpr bool STAGED = NH > 1;
-    constexpr int TILE = NK * BK * D;  // floats of the staged keys, and as many of the values
-    constexpr int NT = 32 * NH * NK;   // threads
-    constexpr int ROUNDS = (TILE / 4 + NT - 1) / NT;  // four-float vectors a thread stages of each
-    threadgroup float kv_tile[STAGED ? 2 * TILE : 1];
-    const uint tid = thread_index_in_threadgroup;
     const uint lane = thread_index_in_simdgroup;
     const uint sg = simdgroup_index_in_threadgroup;
     const int HQ = q_shape[1];
@@ -84,48 +72,12 @@ PARTIAL = r"""
         l[h] = 0.0f;
     }
 
-    const size_t k_head = b * k_strides[0] + kvh * k_strides[1];
-    const size_t v_head = b * v_strides[0] + kvh * v_strides[1];
-    const size_t k_row = k_head + 4 * lane;
-    const size_t v_row = v_head + 4 * lane;
+    const size_t k_row = b * k_strides[0] + kvh * k_strides[1] + 4 * lane;
+    const size_t v_row = b * v_strides[0] + kvh * v_strides[1] + 4 * lane;
     const size_t mask_row = mask_shape[0] > 1 ? b * mask_strides[0] : 0;
-    // A step covers NK * BK keys from `step`, BK of them this simdgroup's from `first`. Staged, every
-    // simdgroup takes every step (barriers). Keys past `end` re-read the last key (in bounds) and, like
-    // masked keys, count as invalid.
-    for (int first = begin + split * BK; (STAGED ? first - split * BK : first) < end; first += NK * BK) {
-        const int step = first - split * BK;
-        if (STAGED) {
-            threadgroup_barrier(mem_flags::mem_threadgroup);  // every head group is done with the last tile
-            // All loads first, then all stores, so that a thread's loads are in flight together. When
-            // NT does not divide the tile's vectors, the last round's extra threads redo its last vector.
-            float kx[4 * ROUNDS];
-            float vx[4 * ROUNDS];
-#pragma unroll
-            for (int r = 0; r < ROUNDS; r++) {
-                const int at = metal::min(4 * (r * NT + int(tid)), TILE - 4);  // tile row at / D, dim at % D
-                const int key = metal::min(step + at / D, end - 1);
-                const f32x4 x = load4(k + k_head + key * k_strides[2] + at % D);
-                const f32x4 y = load4(v + v_head + key * v_strides[2] + at % D);
-                kx[4 * r] = x.x;
-                kx[4 * r + 1] = x.y;
-                kx[4 * r + 2] = x.z;
-                kx[4 * r + 3] = x.w;
-                vx[4 * r] = y.x;
-                vx[4 * r + 1] = y.y;
-                vx[4 * r + 2] = y.z;
-                vx[4 * r + 3] = y.w;
-            }
-#pragma unroll
-            for (int r = 0; r < ROUNDS; r++) {
-                const int at = metal::min(4 * (r * NT + int(tid)), TILE - 4);
-                for (int c = 0; c < 4; c++) {
-                    kv_tile[at + c] = kx[4 * r + c];
-                    kv_tile[TILE + at + c] = vx[4 * r + c];
-                }
-            }
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-        }
-        // BK keys' scores. Every load is issued before the first reduction, so that they overlap.
+    for (int first = begin + split * BK; first < end; first += NK * BK) {
+        // BK keys' scores. Every load is issued before the first reduction, so that they overlap:
+        // keys past `end` re-read the last key (in bounds) and, like masked keys, count as invalid.
         float s[BK][HPS];  // scores, then softmax weights
         bool valid[BK];
 #pragma unroll
@@ -136,8 +88,7 @@ PARTIAL = r"""
                 s[t][h] = 0.0f;
             }
             for (int j = 0; j < DV; j++) {
-                const f32x4 x = STAGED ? load4(kv_tile + (first - step + t) * D + 128 * j + 4 * lane)
-                                       : load4(k + k_row + key * k_strides[2] + 128 * j);
+                f32x4 x = load4(k + k_row + key * k_strides[2] + 128 * j);
                 for (int h = 0; h < HPS; h++) {
                     s[t][h] += qs[h][4 * j] * x.x + qs[h][4 * j + 1] * x.y + qs[h][4 * j + 2] * x.z +
                                qs[h][4 * j + 3] * x.w;
@@ -172,8 +123,7 @@ PARTIAL = r"""
         for (int t = 0; t < BK; t++) {
             const int key = metal::min(first + t, end - 1);
             for (int j = 0; j < DV; j++) {
-                f32x4 x = STAGED ? load4(kv_tile + TILE + (first - step + t) * D + 128 * j + 4 * lane)
-                                 : load4(v + v_row + key * v_strides[2] + 128 * j);
+                f32x4 x = load4(v + v_row + key * v_strides[2] + 128 * j);
                 if (!valid[t]) {
                     x = f32x4{0.0f, 0.0f, 0.0f, 0.0f};  // a masked slot may hold anything, NaN included
                 }
@@ -270,7 +220,6 @@ combine_kernel = Kernel(
 BK = 8  # keys a simdgroup scores before one softmax update
 HEAD_DIMS_PER_SIMDGROUP = 1024  # HPS * D: the per-lane query and output registers, 2 * HPS * D / 32
 MIN_SIMDGROUPS = 4  # per threadgroup
-TILE_FLOATS = 4096  # staged keys NK * BK * D, as many values: 32 KiB, Apple GPUs' threadgroup memory
 TARGET_THREADGROUPS = 512  # enough to fill an H100 (132 SMs) or an M-series Max; more only adds partials
 MIN_CHUNK = 64  # keys per threadgroup: fewer would make the partials outweigh the keys
 MAX_PARTIALS = 1024  # partials a row, the combine pass's threadgroup array
@@ -325,8 +274,6 @@ def attend(launch: Launcher, queries, keys, values, scale: float = 1.0, mask: Op
     per_simdgroup = _heads_per_simdgroup(n_heads // n_kv, dim)
     head_groups = n_heads // n_kv // per_simdgroup
     splits = max(1, MIN_SIMDGROUPS // head_groups)
-    if head_groups > 1:  # staged: NK * BK keys and values as floats in threadgroup memory
-        splits = max(1, min(splits, TILE_FLOATS // (BK * dim)))
     chunks = max(1, min(-(-TARGET_THREADGROUPS // (batch * n_kv)), -(-length // MIN_CHUNK), MAX_PARTIALS // splits))
     threads = 32 * head_groups * splits
     o_part, ml = launch(

@@ -18,7 +18,9 @@ from .prefill_attention import supports as prefill_supports
 from .kernel import backend
 
 # Measured on an H100 (benchmarks/results/attention.md): with a single kv head serving 8 query heads
-# (E2B's layout), MLX's unfused path overtakes the decode kernel beyond ~16K keys.
+# (E2B's layout), MLX's unfused path overtakes the decode kernel beyond ~16K keys (d=512: 1.03x at 16K,
+# 0.8x at 32K). Staging each key block in threadgroup memory for all query heads did not move that
+# (0.59x at 128K, as before) and cost 31B's global layers a quarter of their speed, so it was reverted.
 SINGLE_KV_HEAD_MAX_KEYS = 16384
 # Measured on an H100 (benchmarks/results/attention_prefill.md): the prefill kernel (FMA, no tensor
 # cores) runs at 0.03-0.37x of MLX's unfused matmul path at d=512 and 0.37-0.87x at d=256, so no head
