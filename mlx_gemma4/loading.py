@@ -18,7 +18,7 @@ import mlx.nn as nn
 from .config import ConfigError, TextConfig
 from .mapped import MappedEmbedding
 from .model import Model
-from .model.quantized_linear import use_kernel_layers
+from .model.quantized_linear import kernel_layers_wanted, use_kernel_layers
 
 MULTIMODAL_PREFIXES = (
     "vision_tower.",
@@ -156,7 +156,8 @@ def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict
         return hasattr(module, "to_quantized") and f"{path}.scales" in weights
 
     nn.quantize(model, class_predicate=predicate, **defaults)
-    use_kernel_layers(model)
+    if kernel_layers_wanted():
+        use_kernel_layers(model)
 
 
 def check_shapes(model: nn.Module, weights: dict, origin: dict):

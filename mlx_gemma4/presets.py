@@ -10,7 +10,7 @@ import mlx.nn as nn
 from .config import FULL, SLIDING, TextConfig
 from .model import Model
 from .model.moe import QuantizedSwitchLinear
-from .model.quantized_linear import use_kernel_layers
+from .model.quantized_linear import kernel_layers_wanted, use_kernel_layers
 
 
 def _pattern(n_layers: int, period: int) -> list:
@@ -72,7 +72,8 @@ def random_model(name: str, bits: int | None = None, group_size: int = 64, dtype
     model = Model(preset_config(name))
     if bits:
         nn.quantize(model, group_size, bits)  # lazy: nothing is computed until the loop below
-        use_kernel_layers(model)
+        if kernel_layers_wanted():
+            use_kernel_layers(model)
     for _, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
             _fill_quantized(module, dtype)

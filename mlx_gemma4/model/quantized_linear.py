@@ -5,11 +5,13 @@ load unchanged); only the affine matmul goes through `kernels.quantized_matmul`,
 for decode, dequantize-then-matmul for prefill or MLX's op, per backend. Other modes keep MLX's op.
 """
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from ..kernels.quantized_matmul import quantized_matmul
+from ..kernels.quantized_matmul import PATH_ENV, quantized_matmul
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -29,6 +31,16 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
 
 
 _OURS = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+
+
+def kernel_layers_wanted() -> bool:
+    """Whether loaders swap our layers in: only when MLX_GEMMA4_QUANTIZED_MATMUL names a path other than
+    MLX's. Measured end to end on an H100 (benchmarks/results/e2e-h100-4bit.md) our layers prefilled 31B
+    1.40x faster than mlx-lm but decoded at 0.73-0.75x on E2B and 31B, where MLX's own layers had been at
+    parity: each call's dispatch costs ~6 us of Python on top of MLX's op (2-core dev box; a decode
+    step makes ~350-420 such calls), and the prefill's dequantized weights raised 31B's peak memory from 23 to 34 GB. Until
+    that is fixed MLX's layers are the default."""
+    return os.environ.get(PATH_ENV, "mlx") != "mlx"
 
 
 def use_kernel_layers(model: nn.Module) -> nn.Module:

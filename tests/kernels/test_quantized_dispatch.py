@@ -126,7 +126,15 @@ def test_unbuildable_gemv_falls_back_with_one_warning(monkeypatch):
     assert all(mx.array_equal(out, qmm.mlx_matmul(*inputs)).item() for out in outputs)
 
 
-def test_random_model_uses_our_layers():
+def test_models_keep_mlx_layers_unless_asked(monkeypatch):
+    monkeypatch.delenv(qmm.PATH_ENV, raising=False)
+    model = random_model(reduced_preset("E2B", layers=2, vocab=512), bits=4, dtype=mx.float32)
+    layers = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert layers and not [m for m in layers if type(m) in (QuantizedLinear, QuantizedEmbedding)]
+
+
+def test_random_model_uses_our_layers(monkeypatch):
+    monkeypatch.setenv(qmm.PATH_ENV, "auto")
     model = random_model(reduced_preset("E2B", layers=2, vocab=512), bits=4, dtype=mx.float32)
     layers = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     assert layers and all(type(m) in (QuantizedLinear, QuantizedEmbedding) for m in layers)
@@ -135,7 +143,7 @@ def test_random_model_uses_our_layers():
 def test_checkpoint_loads_into_our_layers_with_unchanged_names(tmp_path, monkeypatch):
     """A 4-bit conversion loads into our layers, and computes what nn.QuantizedLinear computes
     (on the CPU every path is MLX's op)."""
-    monkeypatch.delenv(qmm.PATH_ENV, raising=False)
+    monkeypatch.setenv(qmm.PATH_ENV, "auto")
     source = save_causal_lm("31b", tmp_path / "hf")
     folder = convert(source, tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32, dtype="float32")
     model = load_model(folder)
