@@ -27,9 +27,16 @@ def add_model_and_sampling_args(parser: argparse.ArgumentParser):
     parser.add_argument("--system-prompt", help="system message for the chat template")
     parser.add_argument("--thinking", action="store_true", help="let the model think before answering (off by default)")
     parser.add_argument("--verbose", action="store_true", help="print speed and memory after the answer")
+    add_kv_quant_arguments(parser)
+
+
+def add_kv_quant_arguments(parser):
+    """The KV-cache quantization flags, shared with the server."""
     parser.add_argument("--kv-quant", choices=SCHEMES, default="none", help="KV-cache quantization on every layer")
     parser.add_argument("--kv-bits", type=int, default=4, help="KV-cache bits (keys; values too unless --kv-bits-v)")
     parser.add_argument("--kv-bits-v", type=int, help="KV-cache bits of the values")
+    parser.add_argument("--kv-recent", type=int, default=0,
+                        help="TurboQuant: also keep the newest N tokens' keys/values in full precision")
 
 
 def sampling_from(args) -> SamplingParams:
@@ -39,7 +46,7 @@ def sampling_from(args) -> SamplingParams:
 
 def kv_quant_from(args):
     """The KVQuantConfig the flags ask for, None for the plain bf16 cache."""
-    config = KVQuantConfig(args.kv_quant, bits=args.kv_bits, bits_v=args.kv_bits_v)
+    config = KVQuantConfig(args.kv_quant, bits=args.kv_bits, bits_v=args.kv_bits_v, recent=args.kv_recent)
     return config if config.enabled else None
 
 

@@ -1,6 +1,8 @@
 """Quantized KV caches in the model: every layer (sliding rings, global layers, KV-shared readers),
 decode equal to prefill, trim/rollback, prompt-cache state, memory, and the KVQuantConfig checks."""
 
+import argparse
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -155,3 +157,14 @@ def test_cli_refuses_bad_kv_bits_in_one_line(capsys):
         generate_main(["--kv-quant", "affine", "--kv-bits", "3", "-p", "hi"])
     assert exit_.value.code == 1
     assert capsys.readouterr().err.strip() == "mlx_gemma4.generate: error: affine KV bits=3: choose one of 4, 8"
+
+
+def test_cli_kv_recent_reaches_the_cache(capsys):
+    from mlx_gemma4.cli import generate_main, kv_quant_from
+
+    with pytest.raises(SystemExit) as exit_:
+        generate_main(["--kv-quant", "affine", "--kv-recent", "16", "-p", "hi"])
+    assert exit_.value.code == 1
+    assert "recent=16" in capsys.readouterr().err
+    args = argparse.Namespace(kv_quant="turboquant", kv_bits=4, kv_bits_v=3, kv_recent=16)
+    assert kv_quant_from(args) == TQ_RECENT

@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 
 from .. import BUNDLED_MODEL
-from ..cli import kv_quant_from
-from ..quantized_cache import SCHEMES
+from ..cli import add_kv_quant_arguments, kv_quant_from
 
 
 def main(argv=None):
@@ -22,9 +21,7 @@ def main(argv=None):
     parser.add_argument("--cached-sessions", type=int, default=4, help="conversations whose prompt caches are kept")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all")
     parser.add_argument("--max-images", type=int, default=8, help="images per request")
-    parser.add_argument("--kv-quant", choices=SCHEMES, default="none", help="KV-cache quantization on every layer")
-    parser.add_argument("--kv-bits", type=int, default=4, help="KV-cache bits (keys; values too unless --kv-bits-v)")
-    parser.add_argument("--kv-bits-v", type=int, help="KV-cache bits of the values")
+    add_kv_quant_arguments(parser)
     args = parser.parse_args(argv)
     if args.allowed_media_dir is not None and not args.allowed_media_dir.is_dir():
         parser.error(f"--allowed-media-dir {args.allowed_media_dir} is not a folder")
