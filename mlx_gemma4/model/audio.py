@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ConfigError
-from .layers import RMSNorm, rms_norm_no_scale
+from .layers import ClippableLinear, RMSNorm, rms_norm_no_scale
 
 AUDIO_MODEL_TYPE = "gemma4_audio"
 SUBSAMPLING_KERNEL = 3  # the subsampling convolutions: 3x3, stride 2, padding 1 (not in the config)
@@ -100,27 +100,6 @@ def clip_bound(x: mx.array, bound: float) -> mx.array:
     return mx.clip(x, -bound, bound)
 
 
-class ClippableLinear(nn.Module):
-    """A bias-free linear whose input and output are clamped to bounds stored in the checkpoint."""
-
-    def __init__(self, config: AudioConfig, in_dims: int, out_dims: int):
-        super().__init__()
-        self.linear = nn.Linear(in_dims, out_dims, bias=False)
-        self.clipped = config.use_clipped_linears
-        if self.clipped:
-            self.input_min = mx.array(-math.inf)
-            self.input_max = mx.array(math.inf)
-            self.output_min = mx.array(-math.inf)
-            self.output_max = mx.array(math.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not self.clipped:
-            return self.linear(x)
-        x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
-        y = self.linear(x)
-        return mx.clip(y, self.output_min.astype(y.dtype), self.output_max.astype(y.dtype))
-
-
 class SubsampleLayer(nn.Module):
     """Masked input -> 3x3 stride-2 conv -> LayerNorm over channels -> ReLU, on [B, T, F, C]."""
 
@@ -157,8 +136,8 @@ class FeedForward(nn.Module):
     def __init__(self, config: AudioConfig):
         super().__init__()
         hidden = config.hidden_size
-        self.ffw_layer_1 = ClippableLinear(config, hidden, hidden * 4)
-        self.ffw_layer_2 = ClippableLinear(config, hidden * 4, hidden)
+        self.ffw_layer_1 = ClippableLinear(config.use_clipped_linears, hidden, hidden * 4)
+        self.ffw_layer_2 = ClippableLinear(config.use_clipped_linears, hidden * 4, hidden)
         self.pre_layer_norm = RMSNorm(hidden, NORM_EPS)
         self.post_layer_norm = RMSNorm(hidden, NORM_EPS)
         self.act = ACTIVATIONS[config.hidden_act]
@@ -210,10 +189,10 @@ class AudioAttention(nn.Module):
         self.heads, self.head_dim = heads, config.head_dim
         self.q_scale = (self.head_dim**-0.5) / math.log(2)
         self.k_scale = math.log(1 + math.e) / math.log(2)
-        self.q_proj = ClippableLinear(config, hidden, hidden)
-        self.k_proj = ClippableLinear(config, hidden, hidden)
-        self.v_proj = ClippableLinear(config, hidden, hidden)
-        self.post = ClippableLinear(config, hidden, hidden)
+        self.q_proj = ClippableLinear(config.use_clipped_linears, hidden, hidden)
+        self.k_proj = ClippableLinear(config.use_clipped_linears, hidden, hidden)
+        self.v_proj = ClippableLinear(config.use_clipped_linears, hidden, hidden)
+        self.post = ClippableLinear(config.use_clipped_linears, hidden, hidden)
         self.relative_k_proj = nn.Linear(hidden, hidden, bias=False)
         self.per_dim_scale = mx.zeros((self.head_dim,))
 
@@ -277,8 +256,8 @@ class LightConv1d(nn.Module):
     def __init__(self, config: AudioConfig):
         super().__init__()
         hidden = config.hidden_size
-        self.linear_start = ClippableLinear(config, hidden, hidden * 2)
-        self.linear_end = ClippableLinear(config, hidden, hidden)
+        self.linear_start = ClippableLinear(config.use_clipped_linears, hidden, hidden * 2)
+        self.linear_end = ClippableLinear(config.use_clipped_linears, hidden, hidden)
         self.depthwise_conv1d = DepthwiseCausalConv1d(hidden, config.conv_kernel_size)
         self.pre_layer_norm = RMSNorm(hidden, config.rms_norm_eps)
         self.conv_norm = RMSNorm(hidden, config.rms_norm_eps)

@@ -1,5 +1,6 @@
 """Small building blocks shared by the Gemma 4 decoder: norms, RoPE, the GeGLU MLP, masks."""
 
+import math
 from functools import partial
 from typing import Optional, Union
 
@@ -104,3 +105,25 @@ def attention_mask(
         return mx.array(mask[None, None])
     pad = left_padding[:, None, None, None]
     return mx.array(mask[None, None] & ((k >= pad) | (k == q)))
+
+
+class ClippableLinear(nn.Module):
+    """The towers' bias-free linear (transformers' Gemma4ClippableLinear): when `clipped`, its input and
+    output are clamped to bounds stored in the checkpoint, cast to the activations' dtype as there."""
+
+    def __init__(self, clipped: bool, in_dims: int, out_dims: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dims, out_dims, bias=False)
+        self.clipped = clipped
+        if clipped:
+            self.input_min = mx.array(-math.inf)
+            self.input_max = mx.array(math.inf)
+            self.output_min = mx.array(-math.inf)
+            self.output_max = mx.array(math.inf)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.clipped:
+            return self.linear(x)
+        x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
+        y = self.linear(x)
+        return mx.clip(y, self.output_min.astype(y.dtype), self.output_max.astype(y.dtype))

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import ConfigError
-from .layers import RMSNorm, geglu, rms_norm_no_scale
+from .layers import ClippableLinear, RMSNorm, geglu, rms_norm_no_scale
 
 QUERY_BLOCK = 2048
 
@@ -55,26 +55,6 @@ class VisionConfig:
         return cls(**{k: v for k, v in config.items() if k in names})
 
 
-class ClippableLinear(nn.Module):
-    """A bias-free linear whose input and output are clamped to bounds stored in the checkpoint."""
-
-    def __init__(self, in_features: int, out_features: int, clipped: bool):
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        self.clipped = clipped
-        if clipped:
-            self.input_min = mx.array(-math.inf)
-            self.input_max = mx.array(math.inf)
-            self.output_min = mx.array(-math.inf)
-            self.output_max = mx.array(math.inf)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not self.clipped:
-            return self.linear(x)
-        x = mx.minimum(mx.maximum(x, self.input_min), self.input_max)
-        return mx.minimum(mx.maximum(self.linear(x), self.output_min), self.output_max)
-
-
 def rope_2d(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Axial RoPE: the first half of each head rotates with the x position, the second with y.
 
@@ -98,10 +78,10 @@ class VisionAttention(nn.Module):
         super().__init__()
         hidden, dim, clipped = config.hidden_size, config.head_dim, config.use_clipped_linears
         self.head_dim, self.eps = dim, config.rms_norm_eps
-        self.q_proj = ClippableLinear(hidden, config.num_attention_heads * dim, clipped)
-        self.k_proj = ClippableLinear(hidden, config.num_key_value_heads * dim, clipped)
-        self.v_proj = ClippableLinear(hidden, config.num_key_value_heads * dim, clipped)
-        self.o_proj = ClippableLinear(config.num_attention_heads * dim, hidden, clipped)
+        self.q_proj = ClippableLinear(clipped, hidden, config.num_attention_heads * dim)
+        self.k_proj = ClippableLinear(clipped, hidden, config.num_key_value_heads * dim)
+        self.v_proj = ClippableLinear(clipped, hidden, config.num_key_value_heads * dim)
+        self.o_proj = ClippableLinear(clipped, config.num_attention_heads * dim, hidden)
         self.q_norm = RMSNorm(dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(dim, config.rms_norm_eps)
 
@@ -125,9 +105,9 @@ class VisionMLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         hidden, inner, clipped = config.hidden_size, config.intermediate_size, config.use_clipped_linears
-        self.gate_proj = ClippableLinear(hidden, inner, clipped)
-        self.up_proj = ClippableLinear(hidden, inner, clipped)
-        self.down_proj = ClippableLinear(inner, hidden, clipped)
+        self.gate_proj = ClippableLinear(clipped, hidden, inner)
+        self.up_proj = ClippableLinear(clipped, hidden, inner)
+        self.down_proj = ClippableLinear(clipped, inner, hidden)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
