@@ -20,9 +20,11 @@ placed in the mantissa of 2^(23 - s), s its bit offset, reads as 2^(23 - s) + co
 template: T (output dtype), BITS, GS (group size), M (rows of x), RPS, NSG; its comments are few and
 short, since MLX builds and hashes the whole source on every call.
 
-The call path is short on purpose (on a small layer MLX's own op costs ~6.5 us per call, so every
-microsecond of Python shows): the dispatch decision and the launch parameters are computed once per
-layer shape (`_path`, `_launch`), and the probe verdict is a dict lookup.
+The call path is short on purpose (a decode step on MLX's CUDA backend is bound by host time, so
+every microsecond of Python shows): `plan` resolves the path, the probe, the kernel object and its
+launch parameters once per input signature into a closure that only launches; our layers
+(model/quantized_linear.py) keep one plan per signature. `quantized_matmul` plans on every call, for
+tests and scripts.
 
 Prefill (many rows) is compute-bound: on CUDA, dequantizing the weight into a transient dense matrix
 and calling the dense matmul beats MLX's quantized matmul from a few hundred rows (`dequantized_matmul`;
@@ -33,7 +35,7 @@ of how large a weight on each backend; `MLX_GEMMA4_QUANTIZED_MATMUL` overrides i
 import math
 import os
 from functools import lru_cache
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
@@ -47,9 +49,9 @@ GEMV = r"""
     threadgroup float partial[NSG * RPS * M];
     const uint lane = thread_index_in_simdgroup;
     const uint tid = thread_index_in_threadgroup;
-    const int K = x_shape[1];
+    const int words = w_shape[1];
+    const int K = words * VPW;
     const int N = w_shape[0];
-    const int words = K / VPW;
     const int groups = K / GS;
     const int first = threadgroup_position_in_grid.x * RPS;
 
@@ -240,23 +242,15 @@ def _launch(dtype, bits: int, group_size: int, rows: int, n: int, split: int) ->
 
 def gemv(launch: Launcher, x, w, scales, biases, group_size: int, bits: int, split: Optional[int] = None) -> mx.array:
     """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator); `split`: the
-    simdgroups per threadgroup, `simdgroups(K, N, bits)` unless given (tests, benchmarks)."""
-    shape = x.shape
-    k, n = shape[-1], w.shape[0]
-    rows = x.size // k
+    simdgroups per threadgroup, `simdgroups(K, N, bits)` unless given (tests, benchmarks). x may have
+    any leading dimensions: the body takes K from the weight and treats x as rows."""
+    k, n = x.shape[-1], w.shape[0]
     if split is None:
         split = simdgroups(k, n, bits)
-    template, grid, threadgroup = _launch(x.dtype, bits, group_size, rows, n, split)
-    (y,) = launch(
-        gemv_kernel,
-        inputs=[x if len(shape) == 2 else x.reshape(rows, k), w, scales, biases],
-        template=template,
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[(rows, n)],
-        output_dtypes=[x.dtype],
-    )
-    return y if len(shape) == 2 else y.reshape(*shape[:-1], n)
+    template, grid, threadgroup = _launch(x.dtype, bits, group_size, x.size // k, n, split)
+    (y,) = launch(gemv_kernel, inputs=[x, w, scales, biases], template=template, grid=grid,
+                  threadgroup=threadgroup, output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype])
+    return y
 
 
 # The dispatch rule: on each backend, rules (fewest rows, most rows, fewest weight bytes, path), the
@@ -292,16 +286,16 @@ PATHS = ("gemv", "dequantize", "mlx")
 def path(x, w, scales, biases, group_size: int, bits: int) -> str:
     """The path `quantized_matmul` takes for these inputs: the table's, or the environment's
     (`gemv` only where the kernel applies: a GPU backend and inputs it supports)."""
-    return _path(
-        os.environ.get(PATH_ENV, "auto"), backend(), x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype,
-        None if biases is None else biases.shape, group_size, bits,
-    )
+    return _path(os.environ.get(PATH_ENV, "auto"), backend(), *_signature(x, w, scales, biases), group_size, bits)
+
+
+def _signature(x, w, scales, biases) -> tuple:
+    return (x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype, None if biases is None else biases.shape)
 
 
 @lru_cache(maxsize=4096)
 def _path(choice, on, x_shape, x_dtype, w_shape, w_dtype, scales_shape, scales_dtype, biases_shape, group_size, bits):
-    """`path` on the inputs' shapes and dtypes, decided once per layer shape (a decode step asks for
-    every layer)."""
+    """`path` on the inputs' shapes and dtypes, decided once per layer shape."""
     if choice not in ("auto", *PATHS):
         raise ValueError(f"{PATH_ENV}={choice!r}: choose one of {', '.join(PATHS)} or auto")
     if choice == "auto":
@@ -314,22 +308,44 @@ def _path(choice, on, x_shape, x_dtype, w_shape, w_dtype, scales_shape, scales_d
     return "mlx" if choice == "gemv" and not gemv_applies else choice
 
 
-def quantized_matmul(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
-    """x @ dequantize(w).T, [..., N], on the path the dispatch table picks (see module doc)."""
-    on = backend()
-    chosen = _path(
-        os.environ.get(PATH_ENV, "auto"), on, x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype,
-        None if biases is None else biases.shape, group_size, bits,
-    )
+# A plan computes x @ dequantize(w).T for one input signature: plan(x, w, scales, biases) -> y. Built once
+# per layer and signature (the layers keep theirs), it holds everything a call needs and decides nothing:
+# a decode step makes ~400 such calls, and on MLX's CUDA backend the step is bound by their host cost.
+Plan = Callable[[mx.array, mx.array, mx.array, Optional[mx.array]], mx.array]
+
+
+def plan(choice: str, on: str, x, w, scales, biases, group_size: int, bits: int) -> Plan:
+    """The plan for inputs like these on backend `on`, `choice` the path asked for (auto or one of
+    PATHS). The first plan of a GEMV configuration probes it on the device (`usable`): call this
+    outside mx.compile."""
+    chosen = _path(choice, on, *_signature(x, w, scales, biases), group_size, bits)
     if chosen == "gemv":
-        k = x.shape[-1]
-        config = (on, x.dtype, bits, group_size, x.size // k, simdgroups(k, w.shape[0], bits))
+        k, n = x.shape[-1], w.shape[0]
+        config = (on, x.dtype, bits, group_size, x.size // k, simdgroups(k, n, bits))
         if usable(("quantized_gemv", *config), lambda: _probe(*config)):
-            return gemv(launcher(on), x, w, scales, biases, group_size, bits, config[-1])
+            return _gemv_plan(gemv_kernel.build(on), x.shape, x.dtype, n, group_size, bits)
         chosen = "mlx"
     if chosen == "dequantize":
-        return dequantized_matmul(x, w, scales, biases, group_size, bits)
-    return mlx_matmul(x, w, scales, biases, group_size, bits)
+        return lambda x, w, scales, biases: dequantized_matmul(x, w, scales, biases, group_size, bits)
+    return lambda x, w, scales, biases: mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
+
+
+def _gemv_plan(call, x_shape, dtype, n: int, group_size: int, bits: int) -> Plan:
+    k = x_shape[-1]
+    template, grid, threadgroup = _launch(dtype, bits, group_size, math.prod(x_shape[:-1]), n, simdgroups(k, n, bits))
+    output_shapes, output_dtypes = [(*x_shape[:-1], n)], [dtype]
+
+    def run(x, w, scales, biases):
+        return call(inputs=[x, w, scales, biases], template=template, grid=grid, threadgroup=threadgroup,
+                    output_shapes=output_shapes, output_dtypes=output_dtypes)[0]
+
+    return run
+
+
+def quantized_matmul(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
+    """x @ dequantize(w).T, [..., N], on the path the dispatch table picks (see module doc). Reads the
+    environment and plans on every call: for tests and scripts; layers keep their plans."""
+    return plan(os.environ.get(PATH_ENV, "auto"), backend(), x, w, scales, biases, group_size, bits)(x, w, scales, biases)
 
 
 # Largest |ours - reference| allowed, relative to the largest |reference|: float32 summation order, or

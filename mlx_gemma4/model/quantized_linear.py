@@ -3,6 +3,11 @@
 The same parameters under the same names as nn.QuantizedLinear / nn.QuantizedEmbedding (checkpoints
 load unchanged); only the affine matmul goes through `kernels.quantized_matmul`, which picks our GEMV
 for decode, dequantize-then-matmul for prefill or MLX's op, per backend. Other modes keep MLX's op.
+
+A decode step is bound by host time on MLX's CUDA backend, so a call costs one dict lookup on top of
+the op: each layer keeps a plan per input signature (shape, dtype), and the path asked for
+(MLX_GEMMA4_QUANTIZED_MATMUL) and the backend (MLX_GEMMA4_KERNELS) are read once, when
+`use_kernel_layers` swaps the layers in; call it again after changing them.
 """
 
 import os
@@ -11,23 +16,42 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from ..kernels.quantized_matmul import PATH_ENV, quantized_matmul
+from ..kernels import backend
+from ..kernels.quantized_matmul import PATH_ENV, PATHS, plan
 
 
-class QuantizedLinear(nn.QuantizedLinear):
-    def __call__(self, x: mx.array) -> mx.array:
+class _Planned:
+    """The plans of one quantized layer: `path` and `on` fixed at swap time, one plan per signature."""
+
+    def _setup(self, path: str, on: str):
+        # Plain attributes, not module members: nn.Module would take a dict for a child tree.
+        self.__dict__.update(path=path, on=on, plans={})
+
+    def _plan(self, x: mx.array):
         if self.mode != "affine":
-            return super().__call__(x)
-        y = quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+            group_size, bits, mode = self.group_size, self.bits, self.mode
+            found = lambda x, w, s, b: mx.quantized_matmul(x, w, s, b, True, group_size, bits, mode)
+        else:
+            found = plan(self.path, self.on, x, self["weight"], self["scales"], self["biases"], self.group_size,
+                         self.bits)
+        self.plans[x.shape, x.dtype] = found
+        return found
+
+    def _matmul(self, x: mx.array) -> mx.array:
+        run = self.plans.get((x.shape, x.dtype)) or self._plan(x)
+        return run(x, self["weight"], self["scales"], self.get("biases"))
+
+
+class QuantizedLinear(_Planned, nn.QuantizedLinear):
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._matmul(x)
         return y + self["bias"] if "bias" in self else y
 
 
-class QuantizedEmbedding(nn.QuantizedEmbedding):
+class QuantizedEmbedding(_Planned, nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         """The tied output head: the largest single matmul of a decode step."""
-        if self.mode != "affine":
-            return super().as_linear(x)
-        return quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return self._matmul(x)
 
 
 _OURS = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
@@ -35,25 +59,33 @@ _OURS = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEm
 
 def kernel_layers_wanted() -> bool:
     """Whether loaders swap our layers in: only when MLX_GEMMA4_QUANTIZED_MATMUL names a path other than
-    MLX's. Measured end to end on an H100 (benchmarks/results/e2e-h100-4bit.md) our layers prefilled 31B
-    1.40x faster than mlx-lm but decoded at 0.73-0.75x on E2B and 31B, where MLX's own layers had been at
-    parity: each call's dispatch costs ~6 us of Python on top of MLX's op (2-core dev box; a decode
-    step makes ~350-420 such calls), and the prefill's dequantized weights raised 31B's peak memory from 23 to 34 GB. Until
-    that is fixed MLX's layers are the default."""
+    MLX's. Measured end to end on an H100 (benchmarks/results/2026-11-23-h100-4bit-e2e-qmm-layers.md)
+    our layers prefilled 31B 1.40x faster than mlx-lm but decoded at 0.73-0.75x on E2B and 31B, where
+    MLX's own layers had been at parity (each call's dispatch then cost ~6 us of Python), and the
+    prefill's dequantized weights raised 31B's peak memory from 23 to 34 GB. Until a rerun shows
+    otherwise MLX's layers are the default."""
     return os.environ.get(PATH_ENV, "mlx") != "mlx"
 
 
 def use_kernel_layers(model: nn.Module) -> nn.Module:
     """Swap every nn.QuantizedLinear / nn.QuantizedEmbedding of `model` for ours, in place, keeping
-    its arrays (lazy ones stay lazy); returns `model`."""
+    its arrays (lazy ones stay lazy); returns `model`. Reads MLX_GEMMA4_QUANTIZED_MATMUL and the
+    kernel backend now; layers already ours re-read them and drop their plans."""
+    path, on = os.environ.get(PATH_ENV, "auto"), backend()
+    if path not in ("auto", *PATHS):
+        raise ValueError(f"{PATH_ENV}={path!r}: choose one of {', '.join(PATHS)} or auto")
 
     def swap(_, module):
+        if isinstance(module, _Planned):
+            module._setup(path, on)
+            return module
         ours = _OURS.get(type(module))
         if ours is None:
             return module
         twin = ours.__new__(ours)  # no __init__: it would quantize a random weight
         twin.__dict__.update(module.__dict__)  # group size, bits, mode, frozen state, ...
         dict.update(twin, module)  # the arrays: weight, scales, biases (, bias)
+        twin._setup(path, on)
         return twin
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))

@@ -1,0 +1,98 @@
+"""Our quantized layers' plans: one per input signature, built once, the environment read at swap time.
+
+The GEMV plans run on the CPU emulator: the kernel object a plan holds is swapped for a launcher that
+emulates the Metal body, so a layer call goes through exactly the plan a GPU would use."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import metal_check
+import metal_emu
+from mlx_gemma4.kernels import ENV
+from mlx_gemma4.kernels import quantized_matmul as qmm
+from mlx_gemma4.model.quantized_linear import QuantizedLinear, use_kernel_layers
+
+K, N = 256, 12
+
+
+def our_layer(seed: int = 0) -> QuantizedLinear:
+    holder = nn.Sequential(nn.Linear(K, N, bias=False))
+    holder.layers[0].weight = mx.random.normal((N, K), key=mx.random.key(seed)).astype(mx.bfloat16)
+    nn.quantize(holder, 64, 4)
+    return use_kernel_layers(holder).layers[0]
+
+
+def want(layer, x):
+    return qmm.reference(x, layer.weight, layer.scales, layer.biases, 64, 4)
+
+
+@pytest.fixture
+def emulated_gemv(monkeypatch):
+    """The CUDA GEMV forced, its probe passed and its kernel object the emulator of the Metal body."""
+    if not (metal_check.CLANG and metal_emu.CXX):
+        pytest.skip("needs clang-19 and clang++-19")
+    monkeypatch.setenv(ENV, "cuda")
+    monkeypatch.setenv(qmm.PATH_ENV, "gemv")
+    monkeypatch.setattr(qmm, "usable", lambda key, probe: True)
+
+    class Emulated(type(qmm.gemv_kernel)):
+        def build(self, backend):
+            return super().build("metal") if backend == "metal" else lambda **call: metal_emu.run(self, **call)
+
+    monkeypatch.setattr(qmm, "gemv_kernel", Emulated(**{f: getattr(qmm.gemv_kernel, f) for f in
+                                                         ("name", "source", "inputs", "outputs")}))
+
+
+def test_one_plan_per_signature(emulated_gemv):
+    """Rows and dtype pick the plan: 1 and 3 rows take the GEMV (each its own template), 9 rows
+    MLX's op, float32 its own GEMV; a repeated signature reuses its plan."""
+    layer = our_layer()
+    inputs = [mx.random.normal(shape, key=mx.random.key(i)).astype(dtype) for i, (shape, dtype) in enumerate([
+        ((1, 1, K), mx.bfloat16), ((1, 3, K), mx.bfloat16), ((1, 9, K), mx.bfloat16), ((1, 1, K), mx.float32)])]
+    for x in inputs:
+        y = layer(x)
+        assert y.shape == (*x.shape[:-1], N) and y.dtype == x.dtype
+        assert qmm.error(y, want(layer, x)) <= qmm.TOLERANCE[x.dtype] * (40 if x.shape[1] == 9 else 1)
+    plans = dict(layer.plans)
+    assert len(plans) == 4 and len(set(map(id, plans.values()))) == 4
+    assert [name for name in ("gemv", "gemv", "mlx", "gemv")] == [
+        "mlx" if run.__name__ == "<lambda>" else "gemv" for run in plans.values()]
+    layer(inputs[0])
+    assert layer.plans == plans
+
+
+def test_environment_is_read_at_swap_time(monkeypatch):
+    """A changed MLX_GEMMA4_QUANTIZED_MATMUL reaches the layer only when it is swapped in again (then its
+    plans are dropped); the call path itself never reads it."""
+    monkeypatch.setenv(ENV, "reference")
+    calls = []
+    real = qmm.dequantized_matmul
+    monkeypatch.setattr(qmm, "dequantized_matmul", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv(qmm.PATH_ENV, "dequantize")
+    layer = our_layer()
+    x = mx.random.normal((2, K))
+    first = layer(x)
+    monkeypatch.setenv(qmm.PATH_ENV, "not a path")  # never read by a call
+    assert mx.array_equal(layer(x), first).item() and len(calls) == 2
+    monkeypatch.setenv(qmm.PATH_ENV, "mlx")
+    use_kernel_layers(nn.Sequential(layer))
+    assert not layer.plans
+    assert mx.array_equal(layer(x), qmm.mlx_matmul(x, layer.weight, layer.scales, layer.biases, 64, 4)).item()
+    assert len(calls) == 2
+
+
+def test_bad_environment_fails_before_any_change(monkeypatch):
+    layer = our_layer()
+    layer(mx.zeros((1, K)))
+    path, plans = layer.path, dict(layer.plans)
+    monkeypatch.setenv(qmm.PATH_ENV, "fast")
+    with pytest.raises(ValueError, match="gemv, dequantize, mlx or auto"):
+        use_kernel_layers(nn.Sequential(layer))
+    assert layer.path == path and layer.plans == plans
+
+
+def test_plans_are_not_parameters():
+    layer = our_layer()
+    layer(mx.zeros((1, K)))
+    assert set(layer.parameters()) == {"weight", "scales", "biases"}
