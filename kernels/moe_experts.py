@@ -10,17 +10,16 @@ Decode (up to DECODE_TOKENS tokens) runs in two passes that stream the chosen ex
    together (lanes split H into words), and writes gelu(gate) * up, float32, to act [T*K, I].
 2. `moe_down`: a simdgroup per (token, R output rows) walks all K experts' down rows at once (lanes
    split K * I), weighting each expert's part by its routing weight: the combine is free.
-More tokens (prefill) go to the reference, which sorts the (token, expert) pairs by expert so that
-MLX's gathered matmuls read each expert's weights once per run of tokens, then unsorts.
+More tokens (prefill) go to moe_prefill.py, which sorts the (token, expert) pairs by expert so that
+each expert's weights are read once per run of tokens (and, past a size, dequantized for dense GEMMs).
 """
 
-from functools import partial
 from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .kernel import Kernel, Launcher, backend, launcher, usable
+from .moe_prefill import combine, gathered, gathered_matmul, geglu, prefill
 from .moe_weights import Packed, kernel_supports, names, row_dot
 
 DECODE_TOKENS = 8  # the kernels' range; beyond it the sorted gathered matmuls win (weights reread per token)
@@ -114,35 +113,16 @@ GATE_UP_KERNELS = {q: _gate_up_kernel(q) for q in (False, True)}
 DOWN_KERNELS = {q: _down_kernel(q) for q in (False, True)}
 
 
-def _gathered(w: Packed, x, indices, sorted_indices: bool):
-    if w.quantized:
-        return mx.gather_qmm(x, w.weight, w.scales, w.biases, rhs_indices=indices, transpose=True,
-                             group_size=w.group_size, bits=w.bits, mode=w.mode, sorted_indices=sorted_indices)
-    return mx.gather_mm(x, w.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-
-
 def reference(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
-    """The definition in MLX's gathered matmuls: x [..., H], indices/weights [..., K] -> [..., H]."""
-    lead, k = x.shape[:-1], indices.shape[-1]
-    x = x.reshape(-1, 1, 1, x.shape[-1])
-    flat = indices.reshape(-1, k)
-    do_sort = flat.size >= SORT_THRESHOLD
-    if do_sort:
-        order = mx.argsort(flat.flatten())
-        inverse = mx.argsort(order)
-        x = x[order // k]
-        flat = flat.flatten()[order][:, None]
-    gate, up = mx.split(_gathered(gate_up, x, flat, do_sort), 2, axis=-1)
-    out = _gathered(down, _geglu(gate, up), flat, do_sort)
-    if do_sort:
-        out = out[inverse]
-    out = out.reshape(*lead, k, out.shape[-1])
-    return (out * weights[..., None].astype(out.dtype)).sum(axis=-2)
-
-
-@partial(mx.compile, shapeless=True)
-def _geglu(gate, up):
-    return nn.gelu_approx(gate) * up
+    """The definition in MLX's gathered matmuls: x [..., H], indices/weights [..., K] -> [..., H]; from
+    SORT_THRESHOLD pairs on, sorted by expert (moe_prefill.gathered)."""
+    lead, hidden, k = x.shape[:-1], x.shape[-1], indices.shape[-1]
+    x, indices, weights = x.reshape(-1, hidden), indices.reshape(-1, k), weights.reshape(-1, k)
+    if indices.size >= SORT_THRESHOLD:
+        return gathered(x, indices, weights, gate_up, down).reshape(*lead, hidden)
+    act = geglu(gathered_matmul(gate_up, x[:, None, None], indices, False))  # [T, K, 1, I]
+    out = gathered_matmul(down, act, indices, False)
+    return combine(out.reshape(-1, hidden), weights).reshape(*lead, hidden)
 
 
 def supports(x, indices, weights, gate_up: Packed, down: Packed) -> bool:
@@ -171,6 +151,8 @@ def experts(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
                   gate_up.group_size, down.group_size, gate_up.weight.dtype, down.weight.dtype)
         if usable(("moe_experts", *config), lambda: _probe(on, x, indices, gate_up, down)):
             return run(launcher(on), x, indices, weights, gate_up, down)
+    if indices.size >= SORT_THRESHOLD:
+        return prefill(on, x, indices, weights, gate_up, down)
     return reference(x, indices, weights, gate_up, down)
 
 
