@@ -14,7 +14,8 @@ A body is written once in Metal spelling, restricted to a portable subset, and h
 - inputs indexed through `<name>_shape[i]` / `<name>_strides[i]` (Metal: pointers, CUDA: arrays);
   no 0-d inputs (Metal passes them by reference, CUDA by pointer): pass shape-(1,) arrays, read x[0].
 - `u32x4` and `load_words4(p)`: four consecutive uint32 words, p 16-byte aligned (one 128-bit load on
-  CUDA); `bits_to_float(u)`: the float whose bits are u (Metal's as_type).
+  CUDA); `bits_to_float(u)`: the float whose bits are u (Metal's as_type); `float_to_bits(f)`: the
+  uint whose bits are f's.
 - arithmetic in float: load with `static_cast<float>` or `load4`, store with `static_cast<T>`
   (CUDA's bf16/half operators are ambiguous in mixed expressions). No lambdas, no double, no std::.
 - grid a multiple of the threadgroup: Metal launches exactly the grid, CUDA whole blocks.
@@ -30,6 +31,7 @@ template <typename P> inline u32x4 load_words4(P p) {
   return u32x4{{uint(p[0]), uint(p[1]), uint(p[2]), uint(p[3])}};
 }
 inline float bits_to_float(uint u) { return as_type<float>(u); }
+inline uint float_to_bits(float f) { return as_type<uint>(f); }
 """
 
 CUDA_PRELUDE = r"""
@@ -86,4 +88,5 @@ __device__ __forceinline__ u32x4 load_words4(const uint* p) {
   return u32x4{{u.x, u.y, u.z, u.w}};
 }
 __device__ __forceinline__ float bits_to_float(uint u) { return __uint_as_float(u); }
+__device__ __forceinline__ uint float_to_bits(float f) { return __float_as_uint(f); }
 """

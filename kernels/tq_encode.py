@@ -1,17 +1,20 @@
 """TurboQuant encode-on-append: the only encoder of keys and values into packed cache rows.
 
-    row(x) = [pack(codes(x)), bits of ‖x‖ as float32],  codes(x)_j = #{k : (R·x)_j > β_k·‖x‖}
+    row(x) = [pack(codes(x)), bits of ‖x‖ / ‖c[codes(x)]‖ as float32],
+    codes(x)_j = #{k : (R·x)_j > β_k·‖x‖}
 
-for x [..., D] (D a power of two, 32 to 512), R = H·diag(s)/√d the layer's randomized Hadamard
-rotation and β the 2**bits - 1 Lloyd-Max boundaries (unit-vector scale), so that dequantized
-‖x‖·c[code] approximates R·x. The row layout is turboquant/packing.py's plus one word, the norm's bits.
+for x [..., D] (D a power of two, 32 to 1024), R = H·diag(s)/√d the layer's randomized Hadamard
+rotation, β the 2**bits - 1 Lloyd-Max boundaries and c the centroids (unit-vector scale). The stored
+norm makes the dequantized vector ‖x‖·c[codes]/‖c[codes]‖ exactly as long as x (turboquant/codec.py
+says why). The row layout is turboquant/packing.py's plus one word, the norm's bits.
 
-Prefill chunks and decode steps both encode through here, a simdgroup per vector with the same
-arithmetic, so a token gets the same codes whichever path wrote it. The norm is computed by MLX
-(one op, the same on every path); the kernel rotates with the reference's butterflies in the
-reference's order (lowest stride first: strides below D/32 inside a lane, the rest through
-threadgroup memory) and compares products rather than dividing, so the kernel matches the reference
-bit for bit.
+Prefill chunks and decode steps both encode through here, a simdgroup per vector, so a token gets
+the same codes whichever path wrote it. The whole row is one kernel call (a decode step is host-bound
+on a GPU, so the norms are not separate MLX ops): the kernel rotates with the reference's butterflies
+in the reference's order (lowest stride first: strides below D/32 inside a lane, the rest through
+threadgroup memory) and compares products rather than dividing. Its norms are sums in its own order,
+so a coordinate that lies on a boundary to float rounding may get the neighbouring code: the
+reference matches it code for code everywhere else.
 """
 
 import math
@@ -20,7 +23,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..turboquant.packing import pack, words
+from ..turboquant.packing import pack, unpack, words
 from ..turboquant.rotation import fwht
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
@@ -38,9 +41,13 @@ ENCODE = r"""
     const int base = sg * D;  // this simdgroup's vector in `rotated`
 
     float y[N];
+    float squares = 0.0f;
     for (int c = 0; c < N; c++) {
         y[c] = static_cast<float>(x[size_t(row) * D + lane * N + c]) * sign[lane * N + c];
+        squares += y[c] * y[c];
     }
+    squares = simd_sum(squares);
+    const float norm = squares > 0.0f ? squares * metal::rsqrt(squares) : 0.0f;
     for (int h = 1; h < N; h <<= 1) {  // butterflies inside the lane
         for (int c = 0; c < N; c++) {
             if ((c & h) == 0) {
@@ -66,40 +73,45 @@ ENCODE = r"""
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
-    const float norm = norms[row];
     float bound[LEVELS - 1];
     for (int k = 0; k < LEVELS - 1; k++) {
         bound[k] = boundaries[k] * norm;
     }
     const float inv_sqrt_d = inv_sqrt_dim[0];
-    if (wanted < rows) {
-        for (int w = lane; w < W; w += 32) {
-            // which plane this word belongs to, its code width, and its first coordinate
-            const bool high = BITS == 3 && w >= D / 16;
-            const int width = BITS == 3 ? (high ? 1 : 2) : BITS;
-            const int first = high ? (w - D / 16) * 32 : w * (32 / width);
-            uint word = 0;
-            for (int i = 0; i < 32 / width; i++) {
-                const float z = rotated[base + first + i] * inv_sqrt_d;
-                uint code = 0;
-                for (int k = 0; k < LEVELS - 1; k++) {
-                    code += z > bound[k] ? 1u : 0u;
-                }
-                const uint part = BITS == 3 ? (high ? code >> 2 : code & 3u) : code;
-                word |= part << (i * width);
+    float code_squares = 0.0f;  // ‖c[codes]‖², each code counted once (in the low plane at 3 bits)
+    for (int w = lane; w < W; w += 32) {
+        // which plane this word belongs to, its code width, and its first coordinate
+        const bool high = BITS == 3 && w >= D / 16;
+        const int width = BITS == 3 ? (high ? 1 : 2) : BITS;
+        const int first = high ? (w - D / 16) * 32 : w * (32 / width);
+        uint word = 0;
+        for (int i = 0; i < 32 / width; i++) {
+            const float z = rotated[base + first + i] * inv_sqrt_d;
+            uint code = 0;
+            for (int k = 0; k < LEVELS - 1; k++) {
+                code += z > bound[k] ? 1u : 0u;
             }
+            if (!high) {
+                code_squares += centroids[code] * centroids[code];
+            }
+            const uint part = BITS == 3 ? (high ? code >> 2 : code & 3u) : code;
+            word |= part << (i * width);
+        }
+        if (wanted < rows) {
             out[size_t(row) * (W + 1) + w] = word;
         }
-        if (lane == 0) {
-            out[size_t(row) * (W + 1) + W] = norm_bits[row];
-        }
+    }
+    code_squares = simd_sum(code_squares);
+    // no centroid is 0 (an even number of levels, symmetric), so code_squares > 0
+    if (wanted < rows && lane == 0) {
+        out[size_t(row) * (W + 1) + W] = float_to_bits(norm * metal::rsqrt(code_squares));
     }
 """
 
 encode_kernel = Kernel(
     name="tq_encode",
     source=ENCODE,
-    inputs=["x", "norms", "norm_bits", "sign", "boundaries", "inv_sqrt_dim"],
+    inputs=["x", "sign", "boundaries", "centroids", "inv_sqrt_dim"],
     outputs=["out"],
 )
 
@@ -108,17 +120,50 @@ DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def norms_of(x: mx.array) -> mx.array:
-    """‖x‖ over the last axis in float32: computed by MLX on every path, so it is always the same."""
+    """‖x‖ over the last axis in float32."""
     x = x.astype(mx.float32)
     return mx.sqrt(mx.sum(x * x, axis=-1))
 
 
-def reference(x: mx.array, sign: mx.array, boundaries: mx.array, bits: int) -> mx.array:
+def _unit_rotated(x: mx.array, sign: mx.array) -> mx.array:
+    """R·x, float32 (the butterflies of turboquant/rotation.py's fwht, then 1/√d)."""
+    return fwht(x.astype(mx.float32) * sign) * mx.array(1 / math.sqrt(x.shape[-1]), mx.float32)
+
+
+def _codes(z: mx.array, boundaries: mx.array, norms: mx.array) -> mx.array:
+    return mx.sum(z[..., None] > boundaries * norms[..., None, None], axis=-1).astype(mx.uint32)
+
+
+def _stored_norms(norms: mx.array, centroids: mx.array, codes: mx.array) -> mx.array:
+    """‖x‖/‖c[codes]‖ (no centroid is 0, so the denominator never is)."""
+    return norms / mx.sqrt(mx.sum(mx.square(centroids[codes]), axis=-1))
+
+
+def reference(x: mx.array, sign: mx.array, centroids: mx.array, boundaries: mx.array, bits: int) -> mx.array:
     """The definition in MLX ops: [..., D] -> [..., words + 1] uint32 rows."""
     norms = norms_of(x)
-    z = fwht(x.astype(mx.float32) * sign) * mx.array(1 / math.sqrt(x.shape[-1]), mx.float32)
-    codes = mx.sum(z[..., None] > boundaries * norms[..., None, None], axis=-1).astype(mx.uint32)
-    return mx.concatenate([pack(codes, bits), norms.view(mx.uint32)[..., None]], axis=-1)
+    codes = _codes(_unit_rotated(x, sign), boundaries, norms)
+    stored = _stored_norms(norms, centroids, codes)
+    return mx.concatenate([pack(codes, bits), stored.view(mx.uint32)[..., None]], axis=-1)
+
+
+TIE = 1e-5  # |z - β·‖x‖| <= TIE·‖x‖: a coordinate on a boundary to float rounding (a code step is > 1e-3·‖x‖)
+
+
+def differences(rows: mx.array, x: mx.array, sign: mx.array, centroids: mx.array, boundaries: mx.array,
+                bits: int) -> Optional[str]:
+    """None when `rows` encode `x` as the reference does up to float rounding: the same codes except on
+    a boundary (see TIE), and stored norms within 1e-5 of ‖x‖/‖c[codes]‖ for the codes in `rows`."""
+    dim, count = x.shape[-1], words(x.shape[-1], bits)
+    norms, z = norms_of(x), _unit_rotated(x, sign)
+    got = unpack(rows[..., :count], bits, dim)
+    on_boundary = mx.min(mx.abs(z[..., None] - boundaries * norms[..., None, None]), axis=-1) <= TIE * norms[..., None]
+    wrong = mx.sum((got != _codes(z, boundaries, norms)) & ~on_boundary).item()
+    want = _stored_norms(norms, centroids, got)
+    norm_error = mx.max(mx.abs(rows[..., count].view(mx.float32) - want) / mx.maximum(want, 1e-30)).item()
+    if wrong or norm_error > 1e-5:
+        return f"{wrong} codes off a boundary differ; stored norms off by up to {norm_error:.2g} (relative)"
+    return None
 
 
 def supports(x: mx.array) -> bool:
@@ -126,25 +171,25 @@ def supports(x: mx.array) -> bool:
     return x.dtype in DTYPES and 32 <= dim <= 1024 and dim & (dim - 1) == 0
 
 
-def encode(x: mx.array, sign: mx.array, boundaries: mx.array, bits: int) -> mx.array:
+def encode(x: mx.array, sign: mx.array, centroids: mx.array, boundaries: mx.array, bits: int) -> mx.array:
     """Packed rows of `x` on this device's kernel, or the reference (see module doc)."""
     on = backend()
     if on != "reference" and supports(x):
         config = (on, x.dtype, x.shape[-1], bits)
         if usable(("tq_encode", *config), lambda: _probe(*config)):
-            return run(launcher(on), x, sign, boundaries, bits)
-    return reference(x, sign, boundaries, bits)
+            return run(launcher(on), x, sign, centroids, boundaries, bits)
+    return reference(x, sign, centroids, boundaries, bits)
 
 
-def run(launch: Launcher, x: mx.array, sign: mx.array, boundaries: mx.array, bits: int) -> mx.array:
-    """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator)."""
+def run(launch: Launcher, x: mx.array, sign: mx.array, centroids: mx.array, boundaries: mx.array,
+        bits: int) -> mx.array:
+    """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator): one call."""
     dim = x.shape[-1]
     flat = x.reshape(-1, dim)
-    norms = norms_of(flat)
     groups = -(-flat.shape[0] // VECTORS_PER_GROUP)
     (out,) = launch(
         encode_kernel,
-        inputs=[flat, norms, norms.view(mx.uint32), sign, boundaries, _inv_sqrt(dim)],
+        inputs=[flat, sign, boundaries, centroids, _inv_sqrt(dim)],
         template=[("T", x.dtype), ("D", dim), ("BITS", bits), ("VPG", VECTORS_PER_GROUP)],
         grid=(32 * VECTORS_PER_GROUP * groups, 1, 1),
         threadgroup=(32 * VECTORS_PER_GROUP, 1, 1),
@@ -160,12 +205,10 @@ def _inv_sqrt(dim: int) -> mx.array:
 
 
 def _probe(on: str, dtype, dim: int, bits: int) -> Optional[str]:
-    """Encode a few vectors on the device; None when the rows equal the reference's."""
+    """Encode a few vectors on the device; None when the rows are the reference's (see `differences`)."""
     from ..turboquant.codec import TurboQuantCodec
 
     codec = TurboQuantCodec(dim, bits, seed=0)
     x = mx.random.normal((2, 3, 7, dim), key=mx.random.key(0)).astype(dtype)
-    got = run(launcher(on), x, codec.sign, codec.boundaries, bits)
-    want = reference(x, codec.sign, codec.boundaries, bits)
-    differing = mx.sum(got != want).item()
-    return None if differing == 0 else f"{differing} of {got.size} words differ from the reference"
+    rows = run(launcher(on), x, codec.sign, codec.centroids, codec.boundaries, bits)
+    return differences(rows, x, codec.sign, codec.centroids, codec.boundaries, bits)

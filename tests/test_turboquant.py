@@ -58,11 +58,10 @@ def test_stored_norm_makes_the_dequantized_norm_exact(bits):
     codec = TurboQuantCodec(64, bits, seed=3)
     x = mx.random.normal((300, 64), key=mx.random.key(bits)) * 5
     rows = codec.encode(x)
-    raw = encode_reference(x, codec.sign, codec.boundaries, bits)
-    assert mx.array_equal(rows[:, : codec.words], raw[:, : codec.words]).item()
     ratio = mx.linalg.norm(codec.decode(rows), axis=-1) / mx.linalg.norm(x, axis=-1)
     assert mx.abs(ratio - 1).max().item() < 1e-5
-    assert mx.mean(codec.norms(rows) / codec.norms(raw)).item() > 1  # the codebook shrinks: E‖c‖ < 1
+    # the codebook shrinks (E‖c‖ < 1), so the stored norm exceeds ‖x‖
+    assert mx.mean(codec.norms(rows)[:, 0] / mx.linalg.norm(x, axis=-1)).item() > 1
 
 
 def test_anisotropic_inputs_are_gaussianized():
@@ -126,8 +125,8 @@ def test_prefill_and_decode_encode_identically():
     """The encoder is per vector: encoding a chunk or its tokens one by one gives the same rows."""
     codec = TurboQuantCodec(256, 3, seed=1)
     x = mx.random.normal((1, 2, 40, 256)).astype(mx.bfloat16)
-    whole = encode_reference(x, codec.sign, codec.boundaries, 3)
-    one_by_one = mx.concatenate([encode_reference(x[:, :, t : t + 1], codec.sign, codec.boundaries, 3)
+    whole = encode_reference(x, codec.sign, codec.centroids, codec.boundaries, 3)
+    one_by_one = mx.concatenate([encode_reference(x[:, :, t : t + 1], codec.sign, codec.centroids, codec.boundaries, 3)
                                  for t in range(40)], axis=2)
     assert mx.array_equal(whole, one_by_one).item()
 

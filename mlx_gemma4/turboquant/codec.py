@@ -1,8 +1,8 @@
 """TurboQuant_mse codec of one layer's keys or values: rotate, one norm per vector, Lloyd-Max codes.
 
-A vector x [D] becomes one uint32 row: the packed codes of R·x/‖x‖ (kernels/tq_encode.py) and the
-float32 bits of its norm, corrected to ‖x‖/‖c[codes]‖ so that the dequantized vector has exactly the
-norm of x. The correction costs nothing at decode and removes the Lloyd-Max shrink (E‖c‖ < 1) that
+A vector x [D] becomes one uint32 row (kernels/tq_encode.py, one kernel call): the packed codes of
+R·x/‖x‖ and the float32 bits of its norm, corrected to ‖x‖/‖c[codes]‖ so that the dequantized vector
+has exactly the norm of x. The correction costs nothing at decode and removes the Lloyd-Max shrink (E‖c‖ < 1) that
 scales every score down: on the bundled model it halves TQ 4/4's next-token KL
 (benchmarks/results/kv_quant_quality_bundled.md). Attention never returns to the original basis per token: scores are
 ⟨R_k·q, ‖k‖·c[codes]⟩ and values are summed as ‖v‖·c[codes] in the rotated basis, then rotated back
@@ -34,12 +34,7 @@ class TurboQuantCodec:
         """[..., D] -> packed rows [..., words + 1] uint32: codes, then the corrected norm."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected vectors of {self.dim} coordinates, got {x.shape[-1]}")
-        rows = encode(x, self.sign, self.boundaries, self.bits)
-        codes = rows[..., : self.words]
-        centroids = self.centroids[unpack(codes, self.bits, self.dim)]
-        # no centroid is 0 (an even number of symmetric levels), so the centroid norm never is
-        corrected = self.norms(rows)[..., 0] / mx.sqrt(mx.sum(centroids * centroids, axis=-1))
-        return mx.concatenate([codes, corrected.view(mx.uint32)[..., None]], axis=-1)
+        return encode(x, self.sign, self.centroids, self.boundaries, self.bits)
 
     def norms(self, rows: mx.array) -> mx.array:
         return rows[..., self.words :].view(mx.float32)
