@@ -6,10 +6,11 @@ The block is what a decoder layer spends on its experts: routing (rms-norm·scal
 of 128, softmax, per-expert scale) and the experts' GeGLU with the weighted combine, at 26B-A4B's
 dimensions (hidden 2816, expert width 704), bfloat16 activations, experts affine 4-bit (group 64) and
 the router's projection 8-bit, as the converter and mlx-lm write them. The same random weights in
-three runs: ours (kernels/moe_router.py and moe_experts.py, through the model's modules), ours
-without kernels (MLX_GEMMA4_KERNELS=reference semantics: our fused gate/up gathers) and mlx-lm.
-Decode: one token, the median over trials of a batch of independent calls evaluated together,
-divided by the calls. Prefill: 512 and 2048 tokens, one call per trial. Writes moe.json and moe.md.
+every run. Decode (1 token): ours (kernels/moe_router.py and moe_experts.py through the model's
+modules), ours without kernels (the references) and mlx-lm; the median over trials of a batch of
+independent calls evaluated together, divided by the calls. Prefill (512, 2048 tokens): ours as
+dispatched, each of kernels/moe_prefill.py's paths behind our router, and mlx-lm; one call per trial,
+and the peak memory of each. Writes moe.json and moe.md after every row.
 """
 
 import argparse
@@ -24,7 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models import gemma4_text
 
 from benchmarks.attention import device_name
-from mlx_gemma4.kernels import KernelFallbackWarning, backend
+from mlx_gemma4.kernels import KernelFallbackWarning, backend, moe_prefill
 from mlx_gemma4.kernels.moe_experts import reference as experts_reference
 from mlx_gemma4.kernels.moe_router import reference as router_reference
 from mlx_gemma4.model.moe import Experts, Router, packed
@@ -32,7 +33,7 @@ from mlx_gemma4.presets import preset_config
 
 TOKENS = [1, 512, 2048]
 DECODE_CALLS = 16
-TRIALS = 9
+TRIALS = {"decode": 9, "prefill": 5}
 
 
 def build(bits: int, group_size: int, seed: int = 0):
@@ -69,9 +70,11 @@ def build(bits: int, group_size: int, seed: int = 0):
     return (router, ours), (their_router, theirs)
 
 
-def runners(ours_modules, their_modules) -> dict:
+def runners(ours_modules, their_modules, tokens: int) -> dict:
+    """The blocks timed at this token count, by name."""
     router, experts = ours_modules
     their_router, theirs = their_modules
+    gate_up, down = packed(experts.gate_up_proj), packed(experts.down_proj)
 
     def ours(x):
         return experts(x, *router(x))
@@ -79,22 +82,35 @@ def runners(ours_modules, their_modules) -> dict:
     def ours_without_kernels(x):
         indices, weights = router_reference(x, packed(router.proj), router.scale, router.per_expert_scale,
                                             router.top_k, router.eps)
-        return experts_reference(x, indices, weights, packed(experts.gate_up_proj), packed(experts.down_proj))
+        return experts_reference(x, indices, weights, gate_up, down)
+
+    def prefill_path(name):
+        def block(x):
+            indices, weights = router(x)
+            return moe_prefill.PATHS[name](x.reshape(tokens, -1), indices.reshape(tokens, -1),
+                                           weights.reshape(tokens, -1), gate_up, down)
+        return block
 
     def mlx_lm(x):
         return theirs(x, *their_router(x))
 
-    return {"ours": ours, "ours without kernels": ours_without_kernels, "mlx-lm": mlx_lm}
+    if tokens == 1:
+        return {"ours": ours, "ours without kernels": ours_without_kernels, "mlx-lm": mlx_lm}
+    return {"ours": ours, **{name: prefill_path(name) for name in moe_prefill.PATHS}, "mlx-lm": mlx_lm}
 
 
-def seconds(block, inputs: list) -> float:
+def timed(block, inputs: list, trials: int) -> tuple:
+    """(median seconds per call, peak bytes of the first call)."""
+    mx.synchronize()
+    mx.reset_peak_memory()
     mx.eval(block(inputs[0]))  # build, probe and warm up
+    peak = mx.get_peak_memory()
     times = []
-    for _ in range(TRIALS):
+    for _ in range(trials):
         start = time.perf_counter()
         mx.eval([block(x) for x in inputs])
         times.append((time.perf_counter() - start) / len(inputs))
-    return statistics.median(times)
+    return statistics.median(times), peak
 
 
 def active_bytes(experts: Experts, router: Router, tokens: int) -> int:
@@ -104,19 +120,26 @@ def active_bytes(experts: Experts, router: Router, tokens: int) -> int:
     return sum(a.nbytes for a in packed(router.proj).arrays) + expert_bytes * routed // 128
 
 
-def measure(blocks: dict, ours_modules, their_modules, tokens: int) -> dict:
+def measure(ours_modules, their_modules, tokens: int) -> dict:
     hidden = ours_modules[1].gate_up_proj.weight.shape[-1] * 32 // ours_modules[1].gate_up_proj.bits
-    calls = DECODE_CALLS if tokens == 1 else 1
+    decode = tokens == 1
+    calls = DECODE_CALLS if decode else 1
     keys = mx.random.split(mx.random.key(tokens), calls)
     inputs = [mx.random.normal((1, tokens, hidden), key=k).astype(mx.bfloat16) for k in keys]
     mx.eval(inputs)
     row = dict(tokens=tokens, **agreement(ours_modules, their_modules, inputs[0]))
-    for name, block in blocks.items():
-        row[f"{name} us"] = round(seconds(block, inputs) * 1e6, 1)
+    if not decode:
+        row["ours path"] = moe_prefill.path(backend(), tokens)
+    for name, block in runners(ours_modules, their_modules, tokens).items():
+        start = time.perf_counter()
+        seconds, peak = timed(block, inputs, TRIALS["decode" if decode else "prefill"])
+        row[f"{name} us"] = round(seconds * 1e6, 1)
+        row[f"{name} peak MB"] = round(peak / 1e6)
+        print(f"  {tokens} tokens, {name}: {row[f'{name} us']} us ({time.perf_counter() - start:.1f} s)", flush=True)
     row["ours / mlx-lm speedup"] = round(row["mlx-lm us"] / row["ours us"], 2)
     row["ours tok/s"] = round(tokens / row["ours us"] * 1e6, 1)
     row["mlx-lm tok/s"] = round(tokens / row["mlx-lm us"] * 1e6, 1)
-    if tokens == 1:
+    if decode:
         nbytes = active_bytes(ours_modules[1], ours_modules[0], tokens)
         row["ours GB/s"] = round(nbytes / row["ours us"] / 1e3, 1)
         row["mlx-lm GB/s"] = round(nbytes / row["mlx-lm us"] / 1e3, 1)
@@ -138,23 +161,43 @@ def agreement(ours_modules, their_modules, x) -> dict:
 
 
 def markdown(result: dict) -> str:
+    decode = [r for r in result["rows"] if r["tokens"] == 1]
+    prefill = [r for r in result["rows"] if r["tokens"] > 1]
     lines = [
         f"# 26B-A4B MoE block: ours vs mlx-lm ({result['device']}, mlx {result['mlx']})",
         "",
         f"Router (8-bit) + 128 experts top-8, hidden 2816, width 704, experts {result['bits']}-bit group "
-        f"{result['group_size']}, bfloat16; µs per block call (decode: median of batches of {DECODE_CALLS} "
-        "independent calls). GB/s: the router's and 8 experts' weight bytes over the time.",
+        f"{result['group_size']}, bfloat16; µs per block call (routing included). "
         f"`{result['command']}`",
+        "",
+        f"Decode: median of {TRIALS['decode']} batches of {DECODE_CALLS} independent calls. GB/s: the router's "
+        "and 8 experts' weight bytes over the time.",
         "",
         "| tokens | ours µs | ours without kernels µs | mlx-lm µs | ours / mlx-lm | ours GB/s | mlx-lm GB/s "
         "| routing agreement | experts max rel diff |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
+    for r in decode:
         lines.append(
             f"| {r['tokens']} | {r['ours us']} | {r['ours without kernels us']} | {r['mlx-lm us']} | "
-            f"{r['ours / mlx-lm speedup']}× | {r.get('ours GB/s', '')} | {r.get('mlx-lm GB/s', '')} | "
+            f"{r['ours / mlx-lm speedup']}× | {r['ours GB/s']} | {r['mlx-lm GB/s']} | "
             f"{r['routing_agreement']} | {r['experts_max_rel_diff']} |"
+        )
+    paths = list(moe_prefill.PATHS)
+    lines += [
+        "",
+        f"Prefill: median of {TRIALS['prefill']} calls; µs (peak MB of one call, weights included). Ours runs "
+        "the path kernels/moe_prefill.py's DISPATCH picks; the path columns run each one behind our router.",
+        "",
+        "| tokens | ours path | ours | " + " | ".join(paths) + " | mlx-lm | ours / mlx-lm | ours tok/s "
+        "| routing agreement | experts max rel diff |",
+        "|---:|---|" + "---:|" * (len(paths) + 6),
+    ]
+    for r in prefill:
+        cells = [f"{r[f'{name} us']} ({r[f'{name} peak MB']})" for name in ("ours", *paths, "mlx-lm")]
+        lines.append(
+            f"| {r['tokens']} | {r['ours path']} | " + " | ".join(cells) + f" | {r['ours / mlx-lm speedup']}× | "
+            f"{r['ours tok/s']} | {r['routing_agreement']} | {r['experts_max_rel_diff']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -169,18 +212,20 @@ def main():
     if backend() == "reference":
         raise SystemExit("no GPU kernel backend here (MLX_GEMMA4_KERNELS=cuda or metal on a GPU)")
     warnings.simplefilter("error", KernelFallbackWarning)  # timing the reference as "ours" would mislead
+    began = time.perf_counter()
     ours_modules, their_modules = build(args.bits, args.group_size)
-    blocks = runners(ours_modules, their_modules)
+    print(f"built the weights ({time.perf_counter() - began:.1f} s)", flush=True)
     command = "python -m benchmarks.moe " + " ".join(
         [f"--tokens {' '.join(map(str, args.tokens))}", f"--bits {args.bits}", f"--group-size {args.group_size}"])
     result = dict(device=device_name(), mlx=mx.__version__, backend=backend(), bits=args.bits,
                   group_size=args.group_size, command=command, rows=[])
     args.out.mkdir(parents=True, exist_ok=True)
     for tokens in args.tokens:
-        result["rows"].append(measure(blocks, ours_modules, their_modules, tokens))
+        result["rows"].append(measure(ours_modules, their_modules, tokens))
         print(json.dumps(result["rows"][-1]), flush=True)
         (args.out / "moe.json").write_text(json.dumps(result, indent=1) + "\n")
         (args.out / "moe.md").write_text(markdown(result))
+    print(f"done in {time.perf_counter() - began:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ through the public dispatch, against the references; a fallback to the reference
     MLX_GEMMA4_KERNELS=cuda python -m pytest tests/kernels/test_moe_on_device.py -m gpu
 """
 
+from functools import lru_cache
+
 import mlx.core as mx
 import pytest
 
 from moe_cases import FORMATS, experts_case, router_case
-from mlx_gemma4.kernels import backend, moe_experts, moe_router
+from mlx_gemma4.kernels import backend, moe_experts, moe_prefill, moe_router
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,3 +45,20 @@ def test_prefill_goes_to_the_sorted_reference():
     assert not moe_experts.supports(case.x, case.indices, case.weights, case.gate_up, case.down)
     got = moe_experts.experts(case.x, case.indices, case.weights, case.gate_up, case.down)
     assert mx.array_equal(got, moe_experts.reference(case.x, case.indices, case.weights, case.gate_up, case.down)).item()
+
+
+@lru_cache(maxsize=None)
+def prefill_case(fmt: str):
+    """256 tokens (the CUDA dispatch's default threshold) over 32 experts, ~64 pairs each, and the float32
+    reference (on the CPU), computed once per format."""
+    case = experts_case(fmt, 256, HIDDEN, INNER, experts=32)
+    return case, moe_experts.float32_reference(case.x, case.indices, case.weights, case.gate_up, case.down)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "q4-g64-bf16", "q8-g64-bf16"])
+@pytest.mark.parametrize("path", moe_prefill.PATHS)
+def test_prefill_paths(fmt, path):
+    case, want = prefill_case(fmt)
+    got = moe_prefill.PATHS[path](case.x, case.indices, case.weights, case.gate_up, case.down)
+    assert got.dtype == case.x.dtype
+    assert moe_experts.mismatch(got, want) is None
