@@ -8,7 +8,7 @@ dimensions (hidden 2816, expert width 704), bfloat16 activations, experts affine
 the router's projection 8-bit, as the converter and mlx-lm write them. The same random weights in
 every run. Decode (1 token): ours (kernels/moe_router.py and moe_experts.py through the model's
 modules), ours without kernels (the references) and mlx-lm; the median over trials of a batch of
-independent calls evaluated together, divided by the calls. Prefill (512, 2048 tokens): ours as
+independent calls evaluated together, divided by the calls. Prefill (32 to 2048 tokens): ours as
 dispatched, each of kernels/moe_prefill.py's paths behind our router, and mlx-lm; one call per trial,
 and the peak memory of each. Writes moe.json and moe.md after every row.
 """
@@ -31,7 +31,7 @@ from mlx_gemma4.kernels.moe_router import reference as router_reference
 from mlx_gemma4.model.moe import Experts, Router, packed
 from mlx_gemma4.presets import preset_config
 
-TOKENS = [1, 512, 2048]
+TOKENS = [1, 32, 128, 512, 2048]  # 32 and 128: where the prefill paths cross over (moe_prefill.DISPATCH)
 DECODE_CALLS = 16
 TRIALS = {"decode": 9, "prefill": 5}
 
