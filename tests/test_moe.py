@@ -75,3 +75,27 @@ def test_kernels_take_the_26b_a4b_shapes():
     indices, weights = mx.zeros((1, 1, 8), mx.uint32), mx.zeros((1, 1, 8))
     assert moe_experts.supports(x, indices, weights, q((128, 1408, 2816), 4), q((128, 2816, 704), 4))
     assert not moe_experts.supports(mx.zeros((1, 9, 2816)), indices, weights, q((128, 1408, 2816), 4), q((128, 2816, 704), 4))
+
+
+def test_every_prefill_path_keeps_parity_with_transformers(tmp_path, monkeypatch):
+    """The tiny 26B-A4B-style checkpoint (8 experts, top-2), a batch of two 40-token prompts, each prefill
+    path forced through the model's dispatch: logits equal transformers' within float32 tolerance."""
+    import math
+
+    from tiny import VARIANTS, oracle_logits, save_causal_lm
+
+    from mlx_gemma4 import load_model
+    from mlx_gemma4.kernels import moe_prefill
+
+    folder = save_causal_lm("26b", tmp_path)
+    ids = np.random.default_rng(2).integers(0, VARIANTS["26b"]["vocab_size"], (2, 40))
+    want = oracle_logits(folder, ids)
+    model = load_model(folder)
+    monkeypatch.setenv("MLX_GEMMA4_KERNELS", "reference")
+    ran = []
+    for name, run in list(moe_prefill.PATHS.items()):
+        monkeypatch.setitem(moe_prefill.DISPATCH, "reference", ((1, math.inf, name),))
+        monkeypatch.setitem(moe_prefill.PATHS, name, lambda *args, run=run, name=name: ran.append(name) or run(*args))
+        got = np.array(model(mx.array(ids, dtype=mx.int32)))
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert ran == [name for name in moe_prefill.PATHS for _ in range(4)]  # each of the 4 MoE layers
