@@ -11,6 +11,7 @@ depend on them); heads, head dims, kv heads, windows and layer pattern are the p
 """
 
 import argparse
+import importlib
 import re
 import tempfile
 import time
@@ -22,7 +23,7 @@ from statistics import median
 import mlx.core as mx
 
 from mlx_gemma4.config import TextConfig
-from mlx_gemma4.kernels import decode_attention, sdpa, tq_attention, tq_encode
+from mlx_gemma4.kernels import sdpa, tq_attention, tq_encode
 from mlx_gemma4.model import Model
 from mlx_gemma4.presets import PRESETS
 from mlx_gemma4.quantized_cache import KVQuantConfig
@@ -34,7 +35,8 @@ SHRUNK = dict(hidden_size=32, intermediate_size=64, vocab_size=512, vocab_size_p
 # ops that only re-describe memory (no kernel launch on a GPU); counted apart
 VIEWS = {"Broadcast", "Reshape", "Slice", "Squeeze", "ExpandDims", "Transpose", "View", "Depends", "Unflatten",
          "Flatten", "AsStrided"}
-KERNEL_MODULES = (decode_attention, sdpa, tq_attention, tq_encode)
+# (the package exports a function named decode_attention, hence the lookup by module name)
+KERNEL_MODULES = (importlib.import_module("mlx_gemma4.kernels.decode_attention"), sdpa, tq_attention, tq_encode)
 
 
 @lru_cache(maxsize=None)

@@ -2,7 +2,7 @@
 
 With R_k, R_v the layers' rotations (turboquant/rotation.py), a packed row holding codes and ‖x‖:
 
-    q'  = scale · R_k·q                                   (once per step, in MLX)
+    q'  = scale · R_k·q                                   (once per step and threadgroup)
     s_t = ‖k_t‖ · Σ_j q'_j · c_k[code_k(t, j)]            (scores straight from the codes)
     o'  = Σ_t softmax(s)_t · ‖v_t‖ · c_v[code_v(t, j)]    (values summed in the rotated basis)
     out = R_vᵀ·o'                                          (one inverse rotation per output)
@@ -11,11 +11,14 @@ queries [B, HQ, L, D]; rows [B, HKV, S, words + 1] uint32 (GQA as in decode_atte
 model builds it (None, "causal", or a boolean [B|1, 1, L, S] array).
 
 The decode kernel follows decode_attention.py: `tq_attention_partial` is a threadgroup per (sequence,
-kv head, chunk of keys); lane l holds the D/32 consecutive rotated coordinates l·D/32.. of its heads'
+kv head, chunk of keys); it first rotates its kv head's G queries in threadgroup memory (the encoder's
+butterflies), then lane l holds the D/32 consecutive rotated coordinates l·D/32.. of its heads'
 queries and outputs and reads exactly those bits of each packed row (coalesced; the two codebooks
-sit in threadgroup memory); an online softmax keeps (m, l, o') per simdgroup. decode_attention's
-combine pass then merges the partials. Prefill (L > 1) and the CPU take the reference, which
-dequantizes the rotated keys and values and runs MLX's fused attention.
+sit in threadgroup memory); an online softmax keeps (m, l, o') per simdgroup. `tq_attention_combine`
+merges the partials as decode_attention's combine pass does and applies R_vᵀ in threadgroup memory.
+A decode step is thus two kernel calls and no MLX arithmetic: on a GPU the step is host-bound and
+every MLX op costs microseconds (benchmarks/kv_quant_step_ops.py counts them). Prefill (L > 1) and
+the CPU take the reference, which dequantizes the rotated keys and values a tile at a time.
 """
 
 from typing import NamedTuple, Optional, Union
@@ -31,12 +34,11 @@ from .decode_attention import (
     TARGET_THREADGROUPS,
     _constant,
     _heads_per_simdgroup,
-    combine_kernel,
 )
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
 PARTIAL = r"""
-    // Template: D, G, HPS, NK, BK, KB, VB (key and value bits), MASKED.
+    // Template: T (query dtype), D, G, HPS, NK, BK, KB, VB (key and value bits), MASKED.
     constexpr int NH = G / HPS;
     constexpr int N = D / 32;       // lane l holds rotated coordinates l * N .. l * N + N - 1
     constexpr int WK = KB == 4 ? D / 8 : (KB == 2 ? D / 16 : D / 16 + D / 32);  // words before the norm
@@ -48,7 +50,9 @@ PARTIAL = r"""
                  ((((row)[D / 16 + (j) / 32] >> ((j) % 32)) & 1u) << 2))                               \
               : (((row)[(j) * (B) / 32] >> (((j) * (B)) % 32)) & ((1u << (B)) - 1u)))
     threadgroup float lut[32];  // key codebook at 0, value codebook at 16
+    threadgroup float rotated[G * D];  // the kv head's G queries, rotated into the keys' basis
     const uint t_id = thread_index_in_threadgroup;
+    const uint threads = 32 * NH * NK;
     const uint lane = thread_index_in_simdgroup;
     const uint sg = simdgroup_index_in_threadgroup;
     if (t_id < (1u << KB)) {
@@ -57,13 +61,30 @@ PARTIAL = r"""
     if (t_id < (1u << VB)) {
         lut[16 + t_id] = v_lut[t_id];
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
 
     const int HQ = q_shape[1];
     const int HKV = k_shape[1];
     const int S = k_shape[2];
     const uint b = threadgroup_position_in_grid.z / HKV;
     const uint kvh = threadgroup_position_in_grid.z % HKV;
+    // q' = scale · H·diag(s)·q / √D: signs on load, then butterflies, lowest stride first
+    for (uint i = t_id; i < G * D; i += threads) {
+        const uint head = kvh * G + i / D;
+        rotated[i] = static_cast<float>(q[b * q_strides[0] + head * q_strides[1] + (i % D) * q_strides[3]]) * q_sign[i % D];
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int h = 1; h < D; h <<= 1) {
+        for (uint p = t_id; p < G * D / 2; p += threads) {
+            const int within = p % (D / 2);
+            const int i = (p / (D / 2)) * D + (within / h) * 2 * h + within % h;
+            const float a = rotated[i];
+            const float c = rotated[i + h];
+            rotated[i] = a + c;
+            rotated[i + h] = a - c;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    const float q_factor = q_scale[0];
     const uint h0 = kvh * G + (sg % NH) * HPS;
     const int split = sg / NH;
     const int n_chunks = threadgroups_per_grid.y;
@@ -78,7 +99,7 @@ PARTIAL = r"""
     float l[HPS];
     for (int h = 0; h < HPS; h++) {
         for (int c = 0; c < N; c++) {
-            qs[h][c] = q[(size_t(b) * HQ + h0 + h) * D + lane * N + c];
+            qs[h][c] = rotated[(h0 - kvh * G + h) * D + lane * N + c] * q_factor;
             o[h][c] = 0.0f;
         }
         m[h] = FLOOR;
@@ -166,9 +187,84 @@ PARTIAL = r"""
 partial_kernel = Kernel(
     name="tq_attention_partial",
     source=PARTIAL,
-    inputs=["q", "k", "k_norm", "v", "v_norm", "mask", "k_lut", "v_lut"],
+    inputs=["q", "q_sign", "q_scale", "k", "k_norm", "v", "v_norm", "mask", "k_lut", "v_lut"],
     outputs=["o_part", "ml"],
     row_contiguous=False,
+)
+
+COMBINE = r"""
+    // Template: T (output dtype), D, NT (threads per threadgroup), MAX_P (most partials a row).
+    // decode_attention's combine, then out = R_vᵀ·o' = diag(s)·H·o' / √D through threadgroup memory.
+    const uint t = thread_index_in_threadgroup;
+    const uint lane = thread_index_in_simdgroup;
+    const uint sg = simdgroup_index_in_threadgroup;
+    const uint row = threadgroup_position_in_grid.y;  // b * HQ + query head
+    const int parts = ml_shape[1];
+    const size_t first = size_t(row) * parts;
+    threadgroup float weight[MAX_P];
+    threadgroup float across[NT / 32];
+    threadgroup float o[D];
+
+    float m = -1e30f;  // the partial pass's floor
+    for (int p = t; p < parts; p += NT) {
+        m = metal::max(m, ml[2 * (first + p)]);
+    }
+    m = simd_max(m);
+    if (lane == 0) {
+        across[sg] = m;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float m_all = across[0];
+    for (int i = 1; i < NT / 32; i++) {
+        m_all = metal::max(m_all, across[i]);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // every thread has read `across` before its reuse
+
+    float l = 0.0f;
+    for (int p = t; p < parts; p += NT) {
+        const float w = metal::exp(ml[2 * (first + p)] - m_all);
+        weight[p] = w;
+        l += w * ml[2 * (first + p) + 1];
+    }
+    l = simd_sum(l);
+    if (lane == 0) {
+        across[sg] = l;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float l_all = 0.0f;
+    for (int i = 0; i < NT / 32; i++) {
+        l_all += across[i];
+    }
+
+    for (int d = t; d < D; d += NT) {
+        float acc = 0.0f;
+        for (int p = 0; p < parts; p++) {
+            acc += weight[p] * o_part[(first + p) * D + d];
+        }
+        o[d] = l_all > 0.0f ? acc / l_all : 0.0f;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int h = 1; h < D; h <<= 1) {
+        for (int p = t; p < D / 2; p += NT) {
+            const int i = (p / h) * 2 * h + p % h;
+            const float a = o[i];
+            const float c = o[i + h];
+            o[i] = a + c;
+            o[i + h] = a - c;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    const float factor = inv_sqrt_dim[0];
+    for (int d = t; d < D; d += NT) {
+        out[size_t(row) * D + d] = static_cast<T>(o[d] * factor * v_sign[d]);
+    }
+"""
+
+combine_kernel = Kernel(
+    name="tq_attention_combine",
+    source=COMBINE,
+    inputs=["o_part", "ml", "v_sign", "inv_sqrt_dim"],
+    outputs=["out"],
 )
 
 Mask = Union[None, str, mx.array]
@@ -241,9 +337,14 @@ def _tile(mask, begin: int, end: int):
     return None if mask is None else mask[..., begin:end]
 
 
-def supports(queries, k_codec, v_codec, mask: Mask) -> bool:
+MAX_ROTATED_QUERIES = 4096  # G·D floats of threadgroup memory (16 KB): Gemma 4 has G·D <= 8·512
+
+
+def supports(queries, k_rows, k_codec, v_codec, mask: Mask) -> bool:
     return (
         queries.shape[2] == 1
+        and queries.dtype in (mx.float32, mx.float16, mx.bfloat16)
+        and queries.shape[1] // k_rows.shape[1] * queries.shape[3] <= MAX_ROTATED_QUERIES
         and queries.shape[3] % 32 == 0
         and k_codec.dim == v_codec.dim == queries.shape[3]
         and (mask is None or isinstance(mask, str) or mask.dtype == mx.bool_)
@@ -254,11 +355,11 @@ def tq_attention(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, 
                  recent: Optional[Recent] = None) -> mx.array:
     """[B, HQ, L, D] attention outputs on this device's kernel (decode), or the reference."""
     on = backend()
-    if on != "reference" and supports(queries, k_codec, v_codec, mask):
+    if on != "reference" and supports(queries, k_rows, k_codec, v_codec, mask):
         decode_mask = mask if isinstance(mask, mx.array) else None  # a lone newest query: "causal" is no mask
         decode_mask = _packed_mask(decode_mask, recent, 1, k_rows.shape[2])
         group = queries.shape[1] // k_rows.shape[1]
-        config = (on, queries.shape[3], group, k_codec.bits, v_codec.bits, decode_mask is not None)
+        config = (on, queries.dtype, queries.shape[3], group, k_codec.bits, v_codec.bits, decode_mask is not None)
         if usable(("tq_attention", *config), lambda: _probe(*config)):
             return attend(launcher(on), queries, k_rows, v_rows, k_codec, v_codec, scale, decode_mask, recent)
     return reference(queries, k_rows, v_rows, k_codec, v_codec, scale, mask, recent)
@@ -266,7 +367,8 @@ def tq_attention(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, 
 
 def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0,
            mask: Optional[mx.array] = None, recent: Optional[Recent] = None) -> mx.array:
-    """The kernel path: rotate q, both passes through `launch`, merge the recent window, rotate back.
+    """The kernel path: both passes through `launch` (they rotate q and the output), then the recent
+    window merged in MLX when there is one.
 
     `mask` covers the packed keys only (the recent window's packed copies hidden already)."""
     batch, n_heads, _, dim = queries.shape
@@ -277,11 +379,12 @@ def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: f
     splits = max(1, MIN_SIMDGROUPS // head_groups)
     chunks = max(1, min(-(-TARGET_THREADGROUPS // (batch * n_kv)), -(-length // MIN_CHUNK), MAX_PARTIALS // splits))
     threads = 32 * head_groups * splits
-    q = k_codec.rotate(queries) * scale
     o_part, ml = launch(
         partial_kernel,
         inputs=[
-            q,
+            queries,
+            k_codec.sign,
+            _constant(scale / dim**0.5),
             k_rows,
             k_rows.view(mx.float32),  # the same buffer: the norm word read as a float
             v_rows,
@@ -291,6 +394,7 @@ def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: f
             v_codec.centroids,
         ],
         template=[
+            ("T", queries.dtype),
             ("D", dim),
             ("G", group),
             ("HPS", per_simdgroup),
@@ -305,25 +409,26 @@ def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: f
         output_shapes=[(batch * n_heads, chunks * splits, dim), (batch * n_heads, chunks * splits, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
+    out_dtype = queries.dtype if recent is None else mx.float32  # the merge rounds once, at its end
     (out,) = launch(
         combine_kernel,
-        inputs=[o_part, ml],
-        template=[("T", mx.float32), ("D", dim), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS)],
+        inputs=[o_part, ml, v_codec.sign, _constant(1 / dim**0.5)],
+        template=[("T", out_dtype), ("D", dim), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS)],
         grid=(COMBINE_THREADS, batch * n_heads, 1),
         threadgroup=(COMBINE_THREADS, 1, 1),
         output_shapes=[(batch, n_heads, 1, dim)],
-        output_dtypes=[mx.float32],
+        output_dtypes=[out_dtype],
     )
-    if recent is not None:
-        out = _merge_recent(out, ml, queries, recent, v_codec, scale)
-    return v_codec.unrotate(out).astype(queries.dtype)
+    if recent is None:
+        return out
+    return _merge_recent(out, ml, queries, recent, scale).astype(queries.dtype)
 
 
-def _merge_recent(out, ml, queries, recent: Recent, v_codec, scale: float) -> mx.array:
+def _merge_recent(out, ml, queries, recent: Recent, scale: float) -> mx.array:
     """Merge the packed keys' normalized output with attention over the full-precision recent keys.
 
     The packed part's log-sum-exp comes from the partials' (m, l); the recent keys (at most the
-    window) are attended in MLX ops and their output rotated into the values' basis."""
+    window) are attended in MLX ops, in the original basis as `out` is."""
     batch, n_heads, _, dim = queries.shape
     n_kv = recent.keys.shape[1]
     m_parts, l_parts = ml[..., 0], ml[..., 1]
@@ -335,7 +440,7 @@ def _merge_recent(out, ml, queries, recent: Recent, v_codec, scale: float) -> mx
     scores = mx.where(visible, scores, FLOOR)
     m_recent = mx.max(scores, axis=-1, keepdims=True)
     p = mx.where(visible, mx.exp(scores - m_recent), 0.0)
-    o_recent = v_codec.rotate(p @ recent.values.astype(mx.float32)[:, :, None]).reshape(batch, n_heads, 1, dim)
+    o_recent = (p @ recent.values.astype(mx.float32)[:, :, None]).reshape(batch, n_heads, 1, dim)
     l_recent = mx.sum(p, axis=-1).reshape(batch, n_heads, 1, 1)
     m_recent = m_recent.reshape(batch, n_heads, 1, 1)
     m_packed, l_packed = m_packed.reshape(batch, n_heads, 1, 1), l_packed.reshape(batch, n_heads, 1, 1)
@@ -346,21 +451,23 @@ def _merge_recent(out, ml, queries, recent: Recent, v_codec, scale: float) -> mx
 
 
 TOLERANCE = 1e-4  # max abs error against the reference on the same codes, float32 outputs ~N(0, 1)
+ROUNDED_TOLERANCE = 3e-2  # the same with bfloat16/float16 queries: both outputs rounded to that dtype
 
 
-def _probe(on: str, dim: int, group: int, k_bits: int, v_bits: int, masked: bool) -> Optional[str]:
+def _probe(on: str, dtype, dim: int, group: int, k_bits: int, v_bits: int, masked: bool) -> Optional[str]:
     """Run one small case of this configuration on the device; None when it matches the reference."""
     from ..turboquant.codec import TurboQuantCodec
 
     k_codec, v_codec = TurboQuantCodec(dim, k_bits, 0), TurboQuantCodec(dim, v_bits, 1)
     batch, length = 2, 3 * MIN_CHUNK + 5
     keys = mx.random.split(mx.random.key(0), 3)
-    q = mx.random.normal((batch, group, 1, dim), key=keys[0])
+    q = mx.random.normal((batch, group, 1, dim), key=keys[0]).astype(dtype)
     k = k_codec.encode(mx.random.normal((batch, 1, length, dim), key=keys[1]))
     v = v_codec.encode(mx.random.normal((batch, 1, length, dim), key=keys[2]))
     mask = mx.arange(length)[None] >= mx.array([[0], [7]]) if masked else None
     scale = dim**-0.5
     got = attend(launcher(on), q, k, v, k_codec, v_codec, scale, mask)
     want = reference(q, k, v, k_codec, v_codec, scale, None if mask is None else mask[:, None, None])
-    error = mx.abs(got - want).max().item()
-    return None if error <= TOLERANCE else f"max error {error:.3g} > {TOLERANCE}"
+    error = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
+    tolerance = TOLERANCE if dtype == mx.float32 else ROUNDED_TOLERANCE
+    return None if error <= tolerance else f"max error {error:.3g} > {tolerance}"
