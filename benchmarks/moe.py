@@ -120,6 +120,21 @@ def active_bytes(experts: Experts, router: Router, tokens: int) -> int:
     return sum(a.nbytes for a in packed(router.proj).arrays) + expert_bytes * routed // 128
 
 
+def norms_tail(hidden: int):
+    """What a decoder layer does after its experts (model/text.py): three RMSNorms and two adds,
+    h + norm(norm_1(dense) + norm_2(experts)); its time is what fusing them into the combine could save."""
+    keys = mx.random.split(mx.random.key(1), 4)
+    weights = [mx.random.uniform(0.5, 1.5, (hidden,), key=k).astype(mx.bfloat16) for k in keys[:3]]
+    dense = mx.random.normal((1, 1, hidden), key=keys[3]).astype(mx.bfloat16)
+    mx.eval(weights, dense)
+
+    def tail(experts_out):
+        ffn = mx.fast.rms_norm(dense, weights[0], 1e-6) + mx.fast.rms_norm(experts_out, weights[1], 1e-6)
+        return experts_out + mx.fast.rms_norm(ffn, weights[2], 1e-6)
+
+    return tail
+
+
 def measure(ours_modules, their_modules, tokens: int) -> dict:
     hidden = ours_modules[1].gate_up_proj.weight.shape[-1] * 32 // ours_modules[1].gate_up_proj.bits
     decode = tokens == 1
@@ -140,6 +155,7 @@ def measure(ours_modules, their_modules, tokens: int) -> dict:
     row["ours tok/s"] = round(tokens / row["ours us"] * 1e6, 1)
     row["mlx-lm tok/s"] = round(tokens / row["mlx-lm us"] * 1e6, 1)
     if decode:
+        row["norms tail us"] = round(timed(norms_tail(hidden), inputs, TRIALS["decode"])[0] * 1e6, 1)
         nbytes = active_bytes(ours_modules[1], ours_modules[0], tokens)
         row["ours GB/s"] = round(nbytes / row["ours us"] / 1e3, 1)
         row["mlx-lm GB/s"] = round(nbytes / row["mlx-lm us"] / 1e3, 1)
@@ -171,16 +187,17 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`",
         "",
         f"Decode: median of {TRIALS['decode']} batches of {DECODE_CALLS} independent calls. GB/s: the router's "
-        "and 8 experts' weight bytes over the time.",
+        "and 8 experts' weight bytes over the time. Norms tail: the layer's three RMSNorms and two adds after "
+        "the experts (model/text.py), what a combine fused with them could save.",
         "",
         "| tokens | ours µs | ours without kernels µs | mlx-lm µs | ours / mlx-lm | ours GB/s | mlx-lm GB/s "
-        "| routing agreement | experts max rel diff |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| norms tail µs | routing agreement | experts max rel diff |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in decode:
         lines.append(
             f"| {r['tokens']} | {r['ours us']} | {r['ours without kernels us']} | {r['mlx-lm us']} | "
-            f"{r['ours / mlx-lm speedup']}× | {r['ours GB/s']} | {r['mlx-lm GB/s']} | "
+            f"{r['ours / mlx-lm speedup']}× | {r['ours GB/s']} | {r['mlx-lm GB/s']} | {r['norms tail us']} | "
             f"{r['routing_agreement']} | {r['experts_max_rel_diff']} |"
         )
     paths = list(moe_prefill.PATHS)
