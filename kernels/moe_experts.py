@@ -201,7 +201,7 @@ def mismatch(got, want) -> Optional[str]:
 
 def _probe(on: str, x, indices, gate_up: Packed, down: Packed) -> Optional[str]:
     """The configuration of this call on a small case (two tokens, a few experts); None when it matches."""
-    hidden, inner, k = x.shape[-1], down.n, indices.shape[-1]
+    hidden, k = x.shape[-1], indices.shape[-1]
     keys = mx.random.split(mx.random.key(0), 4)
     small = [Packed(*[a[: k + 1] for a in w.arrays], bits=w.bits, group_size=w.group_size) for w in (gate_up, down)]
     xs = mx.random.normal((2, hidden), key=keys[0]).astype(x.dtype)

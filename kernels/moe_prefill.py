@@ -90,7 +90,7 @@ def padded(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
     sorted order minus where the expert's run starts); padding rows stay zero and are never read back.
     """
     num_experts, hidden, k = gate_up.weight.shape[0], x.shape[-1], indices.shape[-1]
-    order, inverse, experts = sort_by_expert(indices)
+    _, inverse, experts = sort_by_expert(indices)
     counts = mx.zeros((num_experts,), mx.int32).at[experts].add(1)
     starts = mx.cumsum(counts) - counts
     capacity = counts.max().item()  # the host sync: C sizes the slots
