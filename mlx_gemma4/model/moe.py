@@ -3,7 +3,7 @@
 HF stores the experts' gate and up projections fused (`experts.gate_up_proj`, [E, 2*I, H]); we keep
 them fused so each token's experts read gate and up rows together. The math is in
 kernels/moe_router.py and kernels/moe_experts.py: their GPU kernels on a GPU (decode), their
-references (MLX's gathered matmuls, sorted by expert for prefill) elsewhere.
+references elsewhere; prefill takes kernels/moe_prefill.py's path for its token count.
 """
 
 import mlx.core as mx
