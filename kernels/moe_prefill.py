@@ -32,6 +32,10 @@ def gathered_matmul(w: Packed, x, indices, sorted_indices: bool) -> mx.array:
     if w.quantized:
         return mx.gather_qmm(x, w.weight, w.scales, w.biases, rhs_indices=indices, transpose=True,
                              group_size=w.group_size, bits=w.bits, mode=w.mode, sorted_indices=sorted_indices)
+    if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        # MLX's CPU gather_mm takes float32 only: gather the chosen experts' matrices (few pairs here;
+        # `prefill` sends many pairs of such weights to `padded`).
+        return x @ w.weight[indices].swapaxes(-1, -2)
     return mx.gather_mm(x, w.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
 
@@ -55,6 +59,13 @@ def sort_by_expert(indices):
     return order, mx.argsort(order), flat[order]
 
 
+def sorted_rows(x, rows) -> mx.array:
+    """x's `rows` as [R, 1, H] for the sorted gathered matmuls. A reshape, not `[:, None]`: MLX 0.32's
+    sorted gather_mm reads an inserted axis's stride as the row stride and silently returns wrong rows
+    (ml-explore/mlx#4253, #3960; seen on the H100: 1.2 relative error)."""
+    return x[rows].reshape(rows.size, 1, x.shape[-1])
+
+
 def dense_experts(w: Packed, after: mx.array) -> mx.array:
     """The float [E, out, n] stack of w, computed only once `after` exists (see module doc)."""
     if not w.quantized:
@@ -67,7 +78,7 @@ def gathered(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
     """Sorted gathered (quantized) matmuls: x [T, H] -> [T, H]."""
     k = indices.shape[-1]
     order, inverse, experts = sort_by_expert(indices)
-    xs = x[order // k][:, None]
+    xs = sorted_rows(x, order // k)
     act = geglu(gathered_matmul(gate_up, xs, experts, True))
     return combine(gathered_matmul(down, act, experts, True)[inverse, 0], weights)
 
@@ -76,7 +87,7 @@ def dequantized(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
     """Sorted gathered dense matmuls on the dequantized experts: x [T, H] -> [T, H]."""
     k = indices.shape[-1]
     order, inverse, experts = sort_by_expert(indices)
-    xs = x[order // k][:, None]
+    xs = sorted_rows(x, order // k)
     w1 = dense_experts(gate_up, x).swapaxes(-1, -2)
     act = geglu(mx.gather_mm(xs, w1, rhs_indices=experts, sorted_indices=True))
     w2 = dense_experts(down, act).swapaxes(-1, -2)
@@ -128,6 +139,9 @@ def prefill(on: str, x, indices, weights, gate_up: Packed, down: Packed) -> mx.a
     """x [..., H], indices/weights [..., K] -> [..., H], on backend `on`'s path for this many tokens."""
     lead, hidden = x.shape[:-1], x.shape[-1]
     tokens = x.size // hidden
-    run = PATHS[path(on, tokens)]
+    name = path(on, tokens)
+    if not gate_up.quantized and x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        name = "padded"  # the only path that takes these on MLX's CPU without copying an expert per pair
+    run = PATHS[name]
     out = run(x.reshape(tokens, hidden), indices.reshape(tokens, -1), weights.reshape(tokens, -1), gate_up, down)
     return out.reshape(*lead, hidden)

@@ -49,6 +49,17 @@ def test_padded_in_half_precision(fmt):
     assert error("padded", experts_case(fmt, 24, HIDDEN, INNER, EXPERTS, TOP_K, seed=7)) is None
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_unquantized_half_precision_experts_on_the_cpu(tokens):
+    """bf16 experts that are not quantized: MLX's CPU gather_mm takes float32 only, so decode gathers
+    the chosen experts' matrices and prefill goes to `padded` (this crashed before)."""
+    case = experts_case("bf16", tokens, HIDDEN, INNER, EXPERTS, TOP_K, seed=tokens)
+    with mx.stream(mx.cpu):
+        got = moe_experts.experts(case.x, case.indices, case.weights, case.gate_up, case.down)
+        want = moe_experts.float32_reference(case.x, case.indices, case.weights, case.gate_up, case.down)
+        assert got.dtype == mx.bfloat16 and moe_experts.mismatch(got, want) is None
+
+
 @pytest.mark.parametrize("path", moe_prefill.PATHS)
 def test_one_expert_takes_every_token(path):
     """Expert 5 in every token's slot 0 (the padded slots' capacity is all the tokens), slots 1-3 spread
