@@ -208,6 +208,7 @@ def mlx_matmul(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
 def dequantized_matmul(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
     """Prefill: the weight dequantized into a dense matrix that lives only for this op, then the dense
     matmul (tensor cores). The weight rounds to the scales' dtype, as a bf16 model's dense weight would."""
+    w = mx.depends([w], [x])[0]  # not before x: MLX would dequantize every layer's weight up front
     return x @ mx.dequantize(w, scales, biases, group_size, bits).T
 
 

@@ -1,0 +1,45 @@
+"""Prefill on the dequantize path keeps one layer's dequantized weight at a time: peak memory does not
+grow with the layer count. The dequantized weight depends on no activation, so without an explicit
+dependency MLX may schedule every layer's dequantize before the first matmul (a stack of 16 such layers
+peaked at ~13 dequantized weights on the CPU)."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_gemma4.kernels import backend
+from mlx_gemma4.kernels import quantized_matmul as qmm
+
+D = 512  # one dequantized weight: 1 MB in float32
+
+
+def peak_bytes(layers: int, rows: int = 128) -> int:
+    """Peak memory above the inputs of `layers` quantized layers (tanh between them) on 128 rows."""
+    weights = [mx.quantize(mx.random.normal((D, D), key=mx.random.key(i)) * 0.03, 64, 4) for i in range(layers)]
+    x = mx.random.normal((rows, D), key=mx.random.key(layers))
+    mx.eval(weights, x)
+    mx.synchronize()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    h = x
+    for w in weights:
+        h = mx.tanh(qmm.dequantized_matmul(h, *w, 64, 4))
+    mx.eval(h)
+    return mx.get_peak_memory() - base
+
+
+def check_flat():
+    dense = D * D * 4
+    few, many = peak_bytes(4), peak_bytes(16)
+    assert many <= few + dense / 2, f"4 layers: {few / 1e6:.1f} MB, 16 layers: {many / 1e6:.1f} MB"
+
+
+def test_peak_does_not_grow_with_layers():
+    with mx.stream(mx.cpu):
+        check_flat()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(backend() == "reference", reason="no GPU backend")
+def test_peak_does_not_grow_with_layers_on_device():
+    with mx.stream(mx.gpu):
+        check_flat()
