@@ -38,15 +38,17 @@ from functools import lru_cache
 from typing import Callable, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
-GEMV = r"""
+ROWS_BODY = r"""
     constexpr int VPW = 32 / BITS;
     constexpr int VPL = 4 * VPW;
     constexpr int STEP = 32 * NSG * VPL;
     constexpr uint MASK = (1u << BITS) - 1u;
-    threadgroup float partial[NSG * RPS * M];
+    constexpr int ROWS = RPS * MATS;  // RPS rows of each of the MATS weight matrices
+    threadgroup float partial[NSG * ROWS * M];
     const uint lane = thread_index_in_simdgroup;
     const uint tid = thread_index_in_threadgroup;
     const int words = w_shape[1];
@@ -55,11 +57,11 @@ GEMV = r"""
     const int groups = K / GS;
     const int first = threadgroup_position_in_grid.x * RPS;
 
-    size_t w_row[RPS];
-    size_t sb_row[RPS];
-    float acc[RPS][M];
-    for (int r = 0; r < RPS; r++) {
-        const int row = metal::min(first + r, N - 1);  // rows past N re-read the last one, never written
+    size_t w_row[ROWS];
+    size_t sb_row[ROWS];
+    float acc[ROWS][M];
+    for (int r = 0; r < ROWS; r++) {
+        const int row = metal::min(first + r % RPS, N - 1);  // rows past N re-read the last one, never written
         w_row[r] = size_t(row) * words;
         sb_row[r] = size_t(row) * groups;
         for (int m = 0; m < M; m++) {
@@ -68,38 +70,38 @@ GEMV = r"""
     }
 
     int k = tid * VPL;
-    uint q[RPS][4];
-    float scale[RPS];
-    float bias[RPS];
-    for (int r = 0; r < RPS; r++) {
+    uint q[ROWS][4];
+    float scale[ROWS];
+    float bias[ROWS];
+    for (int r = 0; r < ROWS; r++) {
         const int at = metal::min(k, K - VPL);
-        const u32x4 words4 = load_words4(w + w_row[r] + at / VPW);
+        const u32x4 words4 = load_words4(WEIGHTS(r) + w_row[r] + at / VPW);
         for (int i = 0; i < 4; i++) {
             q[r][i] = words4.v[i];
         }
-        scale[r] = static_cast<float>(scales[sb_row[r] + at / GS]);
-        bias[r] = static_cast<float>(biases[sb_row[r] + at / GS]);
+        scale[r] = static_cast<float>(SCALES(r)[sb_row[r] + at / GS]);
+        bias[r] = static_cast<float>(BIASES(r)[sb_row[r] + at / GS]);
     }
     for (; k < K; k += STEP) {
         // The next step's words, scales and biases first (past the end: the last chunk again, unused),
         // so that they are in flight during this step's arithmetic.
         const int next = metal::min(k + STEP, K - VPL);
-        uint q_next[RPS][4];
-        float scale_next[RPS];
-        float bias_next[RPS];
-        for (int r = 0; r < RPS; r++) {
-            const u32x4 words4 = load_words4(w + w_row[r] + next / VPW);
+        uint q_next[ROWS][4];
+        float scale_next[ROWS];
+        float bias_next[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            const u32x4 words4 = load_words4(WEIGHTS(r) + w_row[r] + next / VPW);
             for (int i = 0; i < 4; i++) {
                 q_next[r][i] = words4.v[i];
             }
-            scale_next[r] = static_cast<float>(scales[sb_row[r] + next / GS]);
-            bias_next[r] = static_cast<float>(biases[sb_row[r] + next / GS]);
+            scale_next[r] = static_cast<float>(SCALES(r)[sb_row[r] + next / GS]);
+            bias_next[r] = static_cast<float>(BIASES(r)[sb_row[r] + next / GS]);
         }
         float x_sum[M];
-        float dot[RPS][M];
+        float dot[ROWS][M];
         for (int m = 0; m < M; m++) {
             x_sum[m] = 0.0f;
-            for (int r = 0; r < RPS; r++) {
+            for (int r = 0; r < ROWS; r++) {
                 dot[r][m] = 0.0f;
             }
         }
@@ -116,7 +118,7 @@ GEMV = r"""
                     x_sum[m] += t.x + t.y + t.z + t.w;
                 }
             }
-            for (int r = 0; r < RPS; r++) {
+            for (int r = 0; r < ROWS; r++) {
                 const uint low = q[r][j];
                 const uint high = low >> 16;  // codes of the high half word, so that every offset is < 16
 #pragma unroll
@@ -130,7 +132,7 @@ GEMV = r"""
                 }
             }
         }
-        for (int r = 0; r < RPS; r++) {
+        for (int r = 0; r < ROWS; r++) {
             for (int m = 0; m < M; m++) {
                 acc[r][m] += scale[r] * dot[r][m] + bias[r] * x_sum[m];
             }
@@ -142,13 +144,13 @@ GEMV = r"""
         }
     }
 
-    // Each simdgroup's sums to threadgroup memory, then one thread per (row, x row) adds the NSG
-    // partial sums in simdgroup order.
-    for (int r = 0; r < RPS; r++) {
+    // Each simdgroup's sums to threadgroup memory, then one thread per (output row, x row) adds the
+    // NSG partial sums of each matrix in simdgroup order.
+    for (int r = 0; r < ROWS; r++) {
         for (int m = 0; m < M; m++) {
             const float total = simd_sum(acc[r][m]);
             if (lane == 0) {
-                partial[simdgroup_index_in_threadgroup * (RPS * M) + r * M + m] = total;
+                partial[simdgroup_index_in_threadgroup * (ROWS * M) + r * M + m] = total;
             }
         }
     }
@@ -156,17 +158,43 @@ GEMV = r"""
     if (tid < RPS * M) {
         const int r = tid / M;
         const int m = tid % M;
-        float total = 0.0f;
-        for (int g = 0; g < NSG; g++) {
-            total += partial[g * (RPS * M) + tid];
+        float total[MATS];
+        for (int j = 0; j < MATS; j++) {
+            total[j] = 0.0f;
+            for (int g = 0; g < NSG; g++) {
+                total[j] += partial[g * (ROWS * M) + j * (RPS * M) + tid];
+            }
         }
         if (first + r < N) {
-            y[size_t(m) * N + first + r] = static_cast<T>(total);
+            y[size_t(m) * N + first + r] = static_cast<T>(OUTPUT);
         }
     }
 """
 
+# One weight matrix: y = x @ w.T.
+GEMV = r"""
+#define MATS 1
+#define WEIGHTS(r) w
+#define SCALES(r) scales
+#define BIASES(r) biases
+#define OUTPUT total[0]
+""" + ROWS_BODY
+
+# The MLP's gate and up projections in one pass over x: y = gelu_tanh(x @ w.T) * (x @ up_w.T), each
+# threadgroup's rows of both (tanh(u) = 1 - 2 / (e^2u + 1): the CUDA prelude has exp, not tanh).
+GEGLU = r"""
+#define MATS 2
+#define WEIGHTS(r) ((r) < RPS ? w : up_w)
+#define SCALES(r) ((r) < RPS ? scales : up_scales)
+#define BIASES(r) ((r) < RPS ? biases : up_biases)
+#define GATE total[0]
+#define OUTPUT (0.5f * GATE * (2.0f - 2.0f / (metal::exp(1.5957691f * (GATE + 0.044715f * GATE * GATE * GATE)) + 1.0f)) \
+                * total[1])
+""" + ROWS_BODY
+
 gemv_kernel = Kernel(name="quantized_gemv", source=GEMV, inputs=["x", "w", "scales", "biases"], outputs=["y"])
+geglu_kernel = Kernel(name="quantized_gemv_geglu", source=GEGLU,
+                      inputs=["x", "w", "scales", "biases", "up_w", "up_scales", "up_biases"], outputs=["y"])
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -241,17 +269,27 @@ def _launch(dtype, bits: int, group_size: int, rows: int, n: int, split: int) ->
     return template, (32 * split * -(-n // ROWS_PER_THREADGROUP), 1, 1), (32 * split, 1, 1)
 
 
-def gemv(launch: Launcher, x, w, scales, biases, group_size: int, bits: int, split: Optional[int] = None) -> mx.array:
+def gemv(launch: Launcher, x, w, scales, biases, group_size: int, bits: int, split: Optional[int] = None,
+         up: Optional[tuple] = None) -> mx.array:
     """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator); `split`: the
     simdgroups per threadgroup, `simdgroups(K, N, bits)` unless given (tests, benchmarks). x may have
-    any leading dimensions: the body takes K from the weight and treats x as rows."""
+    any leading dimensions: the body takes K from the weight and treats x as rows. With `up` (the up
+    projection's w, scales, biases, same format and shape), the MLP's fused gelu_tanh(x @ w.T) * (x @ up.T)."""
     k, n = x.shape[-1], w.shape[0]
     if split is None:
         split = simdgroups(k, n, bits)
     template, grid, threadgroup = _launch(x.dtype, bits, group_size, x.size // k, n, split)
-    (y,) = launch(gemv_kernel, inputs=[x, w, scales, biases], template=template, grid=grid,
-                  threadgroup=threadgroup, output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype])
+    kernel, inputs = (gemv_kernel, [x, w, scales, biases]) if up is None else (geglu_kernel, [x, w, scales, biases, *up])
+    (y,) = launch(kernel, inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                  output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype])
     return y
+
+
+def geglu_reference(x, gate: tuple, up: tuple, group_size: int, bits: int) -> mx.array:
+    """The fused MLP input's definition: both matmuls and the GeGLU in float32."""
+    f32 = x.astype(mx.float32)
+    gate, up = (reference(f32, *weights, group_size, bits) for weights in (gate, up))
+    return (nn.gelu_approx(gate) * up).astype(x.dtype)
 
 
 # The dispatch rule: on each backend, rules (fewest rows, most rows, fewest weight bytes, path), the
@@ -336,11 +374,23 @@ def _gemv_plan(call, x_shape, dtype, n: int, group_size: int, bits: int) -> Plan
     template, grid, threadgroup = _launch(dtype, bits, group_size, math.prod(x_shape[:-1]), n, simdgroups(k, n, bits))
     output_shapes, output_dtypes = [(*x_shape[:-1], n)], [dtype]
 
-    def run(x, w, scales, biases):
-        return call(inputs=[x, w, scales, biases], template=template, grid=grid, threadgroup=threadgroup,
+    def run(x, *weights):
+        return call(inputs=[x, *weights], template=template, grid=grid, threadgroup=threadgroup,
                     output_shapes=output_shapes, output_dtypes=output_dtypes)[0]
 
     return run
+
+
+def geglu_plan(choice: str, on: str, x, w, scales, biases, group_size: int, bits: int) -> Optional[Callable]:
+    """The MLP's fused gate/up GEMV for inputs like these, run(x, *gate, *up) -> gelu_tanh(gate) * up, where
+    the gate projection's own path is the GEMV (arguments as `plan`'s); else None."""
+    if _path(choice, on, *_signature(x, w, scales, biases), group_size, bits) != "gemv":
+        return None
+    k, n = x.shape[-1], w.shape[0]
+    config = (on, x.dtype, bits, group_size, x.size // k, simdgroups(k, n, bits))
+    if not usable(("quantized_gemv_geglu", *config), lambda: _probe(*config, fused=True)):
+        return None
+    return _gemv_plan(geglu_kernel.build(on), x.shape, x.dtype, n, group_size, bits)
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
@@ -368,11 +418,17 @@ def quantized_case(rows: int, k: int, n: int, dtype, group_size: int, bits: int,
     return (x, *mx.quantize(weight, group_size, bits))
 
 
-def _probe(on: str, dtype, bits: int, group_size: int, rows: int, split: int) -> Optional[str]:
+def _probe(on: str, dtype, bits: int, group_size: int, rows: int, split: int, fused: bool = False) -> Optional[str]:
     """Run one small case of this configuration on the device; None when it matches the reference.
     K spans several steps of the whole threadgroup and ends in a partial one."""
     k = 2 * split * (32 * 4 * 32 // bits) + 3 * 128
     x, w, scales, biases = quantized_case(rows, k, 13, dtype, group_size, bits)
-    got = gemv(launcher(on), x, w, scales, biases, group_size, bits, split)
-    gap = error(got, reference(x, w, scales, biases, group_size, bits))
+    if fused:
+        up = quantized_case(rows, k, 13, dtype, group_size, bits, seed=1)[1:]
+        got = gemv(launcher(on), x, w, scales, biases, group_size, bits, split, up=up)
+        want = geglu_reference(x, (w, scales, biases), up, group_size, bits)
+    else:
+        got = gemv(launcher(on), x, w, scales, biases, group_size, bits, split)
+        want = reference(x, w, scales, biases, group_size, bits)
+    gap = error(got, want)
     return None if gap <= TOLERANCE[dtype] else f"relative error {gap:.3g} > {TOLERANCE[dtype]}"

@@ -40,7 +40,7 @@ def test_wrong_unpacking_gives_wrong_numbers():
 
 
 @pytest.mark.parametrize("old,new", [
-    ("total += partial[g * (RPS * M) + tid];", "total += partial[tid];"),  # one simdgroup's share of K
+    ("total[j] += partial[g * (ROWS * M) + j * (RPS * M) + tid];", "total[j] += partial[tid];"),  # one simdgroup's K
     ("threadgroup_barrier(mem_flags::mem_threadgroup);", ""),  # partial sums read before they are written
 ])
 def test_split_k_mutants_give_wrong_numbers(old, new):
@@ -52,7 +52,7 @@ def test_split_k_mutants_give_wrong_numbers(old, new):
 
 
 @pytest.mark.parametrize("old,new", [
-    ("metal::min(first + r, N - 1)", "(first + r)"),  # weight rows past N
+    ("metal::min(first + r % RPS, N - 1)", "(first + r % RPS)"),  # weight rows past N
     ("if (first + r < N) {", "{"),  # output rows past N
 ])
 def test_out_of_bounds_crashes_the_emulator(old, new):
