@@ -11,13 +11,15 @@ the op: each layer keeps a plan per input signature (shape, dtype), and the path
 """
 
 import os
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from ..kernels import backend
-from ..kernels.quantized_matmul import PATH_ENV, PATHS, plan
+from ..kernels.quantized_matmul import PATH_ENV, PATHS, geglu_plan, plan
+from .layers import MLP
 
 
 class _Planned:
@@ -54,6 +56,35 @@ class QuantizedEmbedding(_Planned, nn.QuantizedEmbedding):
         return self._matmul(x)
 
 
+class GegluMLP(MLP):
+    """An MLP whose gate and up projections are our layers of one format: where the GEMV serves the
+    gate's row count, one fused launch computes gelu_tanh(gate) * up (one launch and one op fewer, x
+    read once); elsewhere the plain MLP. Plans as the layers', per input signature."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return (self.plans.get((x.shape, x.dtype)) or self._plan(x))(x)
+
+    def _plan(self, x: mx.array):
+        gate, up = self.gate_proj, self.up_proj
+        fused = geglu_plan(gate.path, gate.on, x, gate["weight"], gate["scales"], gate["biases"], gate.group_size,
+                           gate.bits)
+        if fused is None:
+            found = partial(MLP.__call__, self)
+        else:
+            def found(x):
+                y = fused(x, gate["weight"], gate["scales"], gate["biases"], up["weight"], up["scales"], up["biases"])
+                return self.down_proj(y)
+        self.plans[x.shape, x.dtype] = found
+        return found
+
+
+def _fusable(mlp: MLP) -> bool:
+    gate, up = mlp.gate_proj, mlp.up_proj
+    return (isinstance(gate, QuantizedLinear) and isinstance(up, QuantizedLinear) and gate.mode == up.mode == "affine"
+            and (gate.group_size, gate.bits) == (up.group_size, up.bits) and gate.weight.shape == up.weight.shape
+            and "bias" not in gate and "bias" not in up)
+
+
 _OURS = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
 
 
@@ -70,7 +101,8 @@ def kernel_layers_wanted() -> bool:
 def use_kernel_layers(model: nn.Module) -> nn.Module:
     """Swap every nn.QuantizedLinear / nn.QuantizedEmbedding of `model` for ours, in place, keeping
     its arrays (lazy ones stay lazy); returns `model`. Reads MLX_GEMMA4_QUANTIZED_MATMUL and the
-    kernel backend now; layers already ours re-read them and drop their plans."""
+    kernel backend now; layers already ours re-read them and drop their plans. MLPs whose gate and up
+    projections become ours with one format become GegluMLPs (same parameters)."""
     path, on = os.environ.get(PATH_ENV, "auto"), backend()
     if path not in ("auto", *PATHS):
         raise ValueError(f"{PATH_ENV}={path!r}: choose one of {', '.join(PATHS)} or auto")
@@ -89,4 +121,8 @@ def use_kernel_layers(model: nn.Module) -> nn.Module:
         return twin
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
+    for _, module in model.named_modules():
+        if isinstance(module, MLP) and _fusable(module):
+            module.__class__ = GegluMLP
+            module.__dict__["plans"] = {}
     return model

@@ -11,7 +11,10 @@ import metal_check
 import metal_emu
 from mlx_gemma4.kernels import ENV
 from mlx_gemma4.kernels import quantized_matmul as qmm
-from mlx_gemma4.model.quantized_linear import QuantizedLinear, use_kernel_layers
+from benchmarks.pair import reduced_preset
+from mlx_gemma4.model.layers import MLP
+from mlx_gemma4.model.quantized_linear import GegluMLP, QuantizedLinear, use_kernel_layers
+from mlx_gemma4.presets import random_model
 
 K, N = 256, 12
 
@@ -29,7 +32,7 @@ def want(layer, x):
 
 @pytest.fixture
 def emulated_gemv(monkeypatch):
-    """The CUDA GEMV forced, its probe passed and its kernel object the emulator of the Metal body."""
+    """The CUDA GEMVs forced, their probes passed and their kernel objects the emulator of the Metal body."""
     if not (metal_check.CLANG and metal_emu.CXX):
         pytest.skip("needs clang-19 and clang++-19")
     monkeypatch.setenv(ENV, "cuda")
@@ -40,8 +43,9 @@ def emulated_gemv(monkeypatch):
         def build(self, backend):
             return super().build("metal") if backend == "metal" else lambda **call: metal_emu.run(self, **call)
 
-    monkeypatch.setattr(qmm, "gemv_kernel", Emulated(**{f: getattr(qmm.gemv_kernel, f) for f in
-                                                         ("name", "source", "inputs", "outputs")}))
+    for name in ("gemv_kernel", "geglu_kernel"):
+        real = getattr(qmm, name)
+        monkeypatch.setattr(qmm, name, Emulated(real.name, real.source, real.inputs, real.outputs))
 
 
 def test_one_plan_per_signature(emulated_gemv):
@@ -96,3 +100,37 @@ def test_plans_are_not_parameters():
     layer = our_layer()
     layer(mx.zeros((1, K)))
     assert set(layer.parameters()) == {"weight", "scales", "biases"}
+
+
+def test_mlp_fuses_gate_and_up_on_the_gemv(emulated_gemv, monkeypatch):
+    """On the GEMV's row counts the MLP makes one fused launch for gate and up (then down's GEMV), past
+    them it is the plain MLP on MLX's op; both compute what MLX's own layers compute."""
+    hidden, width = 256, 96
+    mlp = MLP(hidden, width)
+    for name, shape in (("gate_proj", (width, hidden)), ("up_proj", (width, hidden)), ("down_proj", (hidden, width))):
+        getattr(mlp, name).weight = mx.random.normal(shape, key=mx.random.key(len(name))).astype(mx.bfloat16)
+    nn.quantize(mlp, 32, 4)
+    plain = MLP(hidden, width)
+    nn.quantize(plain, 32, 4)
+    plain.update(mlp.parameters())
+    launched = []
+    real = metal_emu.run
+    monkeypatch.setattr(metal_emu, "run", lambda kernel, **call: launched.append(kernel.name) or real(kernel, **call))
+    use_kernel_layers(mlp)
+    assert type(mlp) is GegluMLP and set(mlp.parameters()) == set(plain.parameters())
+    for rows, launches in ((2, ["quantized_gemv_geglu", "quantized_gemv"]), (9, [])):
+        launched.clear()
+        x = mx.random.normal((1, rows, hidden), key=mx.random.key(rows)).astype(mx.bfloat16)
+        got = mlp(x)
+        assert launched == launches
+        if launches:  # against float32 (MLX's CPU op in bfloat16 is itself ~10 % off)
+            assert qmm.error(got, plain(x.astype(mx.float32))) <= 4 * qmm.TOLERANCE[mx.bfloat16]
+        else:
+            assert mx.array_equal(got, plain(x)).item()
+
+
+def test_mlps_of_a_model_become_fused(monkeypatch):
+    monkeypatch.setenv(qmm.PATH_ENV, "auto")
+    model = random_model(reduced_preset("E2B", layers=2, vocab=512), bits=4, dtype=mx.float32)
+    mlps = [m for _, m in model.named_modules() if isinstance(m, MLP)]
+    assert mlps and all(type(m) is GegluMLP for m in mlps)
