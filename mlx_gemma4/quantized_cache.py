@@ -121,6 +121,14 @@ class Packed(NamedTuple):
     recent: Optional[Recent] = None
 
 
+_WINDOW_MASKS: dict = {}  # the recent window's masks of the current step, by cache kind and state
+
+
+def _ring_state(cache) -> tuple:
+    """What a plain cache's key positions follow from: the offset, and for a ring its fill and write slot."""
+    return cache.offset, getattr(cache, "filled", None), getattr(cache, "write", None), getattr(cache, "capacity", None)
+
+
 class _Quantized:
     """Mixin over a plain cache: encode on append, hand attention `Packed` rows (and the recent window)."""
 
@@ -132,20 +140,26 @@ class _Quantized:
         if self.recent is None:
             k, v = super().update_and_fetch(self.key_codec.encode(keys), self.value_codec.encode(values))
             return Packed(k, self.key_codec), Packed(v, self.value_codec)
-        length, start, window = keys.shape[2], self.offset, self.recent.window
-        packed_positions = self.key_positions(length)
-        recent_positions = self.recent.key_positions(length)
+        packed_mask, mask = self._window_masks(keys.shape[2])
         k, v = super().update_and_fetch(self.key_codec.encode(keys), self.value_codec.encode(values))
         recent_keys, recent_values = self.recent.update_and_fetch(keys, values)
-        distance = np.arange(start, start + length)[:, None] - packed_positions[None]
-        in_window = (distance >= 0) & (distance < window) & (packed_positions >= 0)
-        recent = Recent(
-            recent_keys,
-            recent_values,
-            packed_mask=mx.array(~in_window[None, None]),
-            mask=attention_mask(start, length, recent_positions, window, self.left_padding),
-        )
-        return Packed(k, self.key_codec, recent), Packed(v, self.value_codec)
+        return Packed(k, self.key_codec, Recent(recent_keys, recent_values, packed_mask, mask)), Packed(v, self.value_codec)
+
+    def _window_masks(self, length: int) -> tuple:
+        """(packed_mask, mask) of `Recent` for the next `length` tokens. Every layer of a kind has the same
+        positions in a step, so the masks (host work over every cached position) are made once a step."""
+        padding = None if self.left_padding is None else self.left_padding.tobytes()
+        key = (type(self), _ring_state(self), _ring_state(self.recent), self.recent.window, length, padding)
+        if key not in _WINDOW_MASKS:
+            start, window = self.offset, self.recent.window
+            packed_positions = self.key_positions(length)
+            distance = np.arange(start, start + length)[:, None] - packed_positions[None]
+            in_window = (distance >= 0) & (distance < window) & (packed_positions >= 0)
+            recent_mask = attention_mask(start, length, self.recent.key_positions(length), window, self.left_padding)
+            if len(_WINDOW_MASKS) >= 4:  # a step needs one entry per cache kind
+                _WINDOW_MASKS.clear()
+            _WINDOW_MASKS[key] = (mx.array(~in_window[None, None]), recent_mask)
+        return _WINDOW_MASKS[key]
 
     def can_trim(self, count: int) -> bool:
         return super().can_trim(count) and (self.recent is None or self.recent.can_trim(min(count, self.offset)))

@@ -73,6 +73,22 @@ def test_recent_window_brings_tq_closer_to_the_plain_cache(model):
     assert 0 < kls[1] < kls[0] / 2, kls
 
 
+def test_recent_window_masks_are_shared_only_by_caches_in_the_same_state():
+    """The masks are made once a step for all layers alike; a cache in another state gets its own."""
+    spec = preset_config("E2B").layers[4]  # a global layer
+    make = lambda recent, rollback: make_quantized_cache(  # noqa: E731
+        KVQuantConfig("turboquant", recent=recent), spec, 512, rollback=rollback)
+    a, b, c = make(16, 32), make(16, 32), make(32, 16)  # c's recent ring has a's capacity (47), not its window
+    kv = mx.zeros((1, spec.num_kv_heads, 40, spec.head_dim))
+    for cache in (a, b, c):
+        cache.update_and_fetch(kv, kv)
+    assert a._window_masks(1)[0] is b._window_masks(1)[0]
+    hidden = lambda cache: int(mx.sum(~cache._window_masks(1)[0]).item())  # noqa: E731
+    assert (hidden(a), hidden(c)) == (16, 32)  # packed copies of the new key and the 15 or 31 before it
+    b.update_and_fetch(kv[:, :, :1], kv[:, :, :1])
+    assert hidden(b) == 16 and b._window_masks(1)[0].shape[-1] == 42
+
+
 def test_kv_shared_layers_attend_to_the_producers_packed_rows(model, monkeypatch):
     calls = []
     original = text.quantized_attention
