@@ -14,6 +14,9 @@
 4. The crossover: 16-2048 rows on three shapes, dequantize + matmul, MLX's op and `auto`, batched like
    the decode timings, to check `DISPATCH`'s row thresholds.
 5. Prefill, 2048 rows: dequantize-then-matmul vs MLX's op, in TFLOP/s.
+6. The MLP's fused gate/up GEMV with GeGLU (one launch) against MLX's way (two quantized matmuls and
+   the compiled GeGLU) and our two GEMVs plus the GeGLU, at each model's gate/up shape, 1-8 rows.
+`--sections` picks some of decode, split, crossover, prefill, fused (default: all).
 Writes quantized_matmul.json and quantized_matmul.md; each result row is printed as it comes, and each
 section's seconds at its end (the whole run takes about 2 minutes on an H100).
 """
@@ -32,9 +35,10 @@ import mlx.nn as nn
 from mlx_gemma4.kernels import KernelFallbackWarning, backend
 from mlx_gemma4.kernels.kernel import launcher
 from mlx_gemma4.kernels.quantized_matmul import (
-    PATH_ENV, SIMDGROUPS, TOLERANCE, dequantized_matmul, error, gemv, mlx_matmul, path, quantized_case,
-    quantized_matmul, reference, simdgroups,
+    PATH_ENV, SIMDGROUPS, TOLERANCE, dequantized_matmul, error, geglu_plan, geglu_reference, gemv, mlx_matmul, path,
+    quantized_case, quantized_matmul, reference, simdgroups,
 )
+from mlx_gemma4.model.layers import geglu
 from mlx_gemma4.model import Model
 from mlx_gemma4.presets import preset_config
 
@@ -48,6 +52,7 @@ CROSSOVER_ROWS = [16, 64, 128, 256, 512, 1024, 2048]
 CROSSOVER_SHAPES = {"31B gate/up": (5376, 21504), "31B k_proj": (5376, 2048), "E2B q_proj": (1536, 2048)}
 SPLIT_SHAPES = {"31B k_proj": (5376, 2048), "31B q_proj": (5376, 8192), "31B o_proj": (8192, 5376),
                 "31B o_proj global": (16384, 5376), "31B down": (21504, 5376), "31B gate/up": (5376, 21504)}
+SECTIONS = ["decode", "split", "crossover", "prefill", "fused"]
 COPIES_BYTES = 256 * 2**20
 MAX_COPIES = 256
 TRIALS = 5
@@ -179,6 +184,32 @@ def measure_prefill(model: str, names: list, k: int, n: int, bits: int, group: i
                 mlx_tflops=round(mlx, 1), speedup=round(ours / mlx, 2))
 
 
+def measure_fused(model: str, k: int, n: int, bits: int, group: int, dtype) -> list:
+    """µs per MLP input (gelu_tanh(x @ gate.T) * (x @ up.T)): fused GEMV, MLX's ops, our two GEMVs."""
+    on = backend()
+    pairs = [w + u for w, u in zip(copies(k, n, bits, group, dtype), copies(k, n, bits, group, dtype))]
+    check = quantized_case(1, k, n, dtype, group, bits)
+    up = quantized_case(1, k, n, dtype, group, bits, seed=1)[1:]
+    fused = geglu_plan("gemv", on, check[0], *check[1:], group, bits)
+    gap = error(fused(*check, *up), geglu_reference(check[0], check[1:], up, group, bits))
+    rows = []
+    for count in DECODE_ROWS:
+        x = mx.random.normal((count, k)).astype(dtype)
+        fused = geglu_plan("gemv", on, x, *pairs[0][:3], group, bits)
+        paths = {
+            "fused": fused,
+            "mlx": lambda x, *w: geglu(mlx_matmul(x, *w[:3], group, bits), mlx_matmul(x, *w[3:], group, bits)),
+            "two_gemvs": lambda x, *w: geglu(gemv(launcher(on), x, *w[:3], group, bits),
+                                              gemv(launcher(on), x, *w[3:], group, bits)),
+        }
+        us = {name: round(seconds_per_call(fn, x, pairs) * 1e6, 2) for name, fn in paths.items()}
+        rows.append(dict(model=model, K=k, N=n, rows=count, us=us, speedup=round(us["mlx"] / us["fused"], 2),
+                         rel_error=gap, error_ok=gap <= TOLERANCE[dtype]))
+    del pairs
+    mx.clear_cache()
+    return rows
+
+
 def markdown(result: dict) -> str:
     copy = result["bandwidth"]["copy"]
     lines = [
@@ -220,6 +251,13 @@ def markdown(result: dict) -> str:
     for r in result["prefill"]:
         lines.append(f"| {r['model']} | {', '.join(r['layers'])} | {r['K']} | {r['N']} | {r['ours_tflops']} | "
                      f"{r['mlx_tflops']} | {r['speedup']}× |")
+    lines += ["", "## Fused gate/up GEMV with GeGLU: µs per MLP input", "",
+              "| model | K | N | rows | fused | MLX (2 qmm + geglu) | two GEMVs + geglu | fused speedup | error ok |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["fused"]:
+        us = r["us"]
+        lines.append(f"| {r['model']} | {r['K']} | {r['N']} | {r['rows']} | {us['fused']} | {us['mlx']} | "
+                     f"{us['two_gemvs']} | {r['speedup']}× | {'yes' if r['error_ok'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,6 +269,7 @@ def main():
     parser.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--bandwidth-bytes", type=int, default=2 * 2**30)
+    parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     args = parser.parse_args()
     if backend() == "reference":
         raise SystemExit("no GPU kernel backend here (MLX_GEMMA4_KERNELS=cuda or metal on a GPU)")
@@ -240,7 +279,7 @@ def main():
     bits, group = args.bits, args.group_size
     result = dict(device=device_name(), mlx=mx.__version__, backend=backend(), bits=bits, group_size=group,
                   dtype=args.dtype, bandwidth=memory_bandwidth(args.bandwidth_bytes), seconds={}, decode=[], split=[],
-                  crossover=[], prefill=[])
+                  crossover=[], prefill=[], fused=[])
     print(json.dumps(result["bandwidth"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     copy = result["bandwidth"]["copy"]
@@ -257,24 +296,36 @@ def main():
         print(f"{key}: {result['seconds'][key]} s", flush=True)
 
     shapes = {name: model_shapes(name) for name in args.models}
-    start = time.perf_counter()
-    for name, by_shape in shapes.items():
-        for (k, n), layers in by_shape.items():
-            save(measure_decode(name, layers, k, n, bits, group, dtype, copy), "decode")
-    section("decode", start)
-    start = time.perf_counter()
-    for shape, (k, n) in SPLIT_SHAPES.items():
-        save([measure_split(shape, k, n, bits, group, dtype, copy)], "split")
-    section("split", start)
-    start = time.perf_counter()
-    for shape, (k, n) in CROSSOVER_SHAPES.items():
-        save(measure_crossover(shape, k, n, bits, group, dtype), "crossover")
-    section("crossover", start)
-    start = time.perf_counter()
-    for name, by_shape in shapes.items():
-        for (k, n), layers in by_shape.items():
-            save([measure_prefill(name, layers, k, n, bits, group, dtype)], "prefill")
-    section("prefill", start)
+    wanted = set(args.sections)
+    if "decode" in wanted:
+        start = time.perf_counter()
+        for name, by_shape in shapes.items():
+            for (k, n), layers in by_shape.items():
+                save(measure_decode(name, layers, k, n, bits, group, dtype, copy), "decode")
+        section("decode", start)
+    if "split" in wanted:
+        start = time.perf_counter()
+        for shape, (k, n) in SPLIT_SHAPES.items():
+            save([measure_split(shape, k, n, bits, group, dtype, copy)], "split")
+        section("split", start)
+    if "crossover" in wanted:
+        start = time.perf_counter()
+        for shape, (k, n) in CROSSOVER_SHAPES.items():
+            save(measure_crossover(shape, k, n, bits, group, dtype), "crossover")
+        section("crossover", start)
+    if "prefill" in wanted:
+        start = time.perf_counter()
+        for name, by_shape in shapes.items():
+            for (k, n), layers in by_shape.items():
+                save([measure_prefill(name, layers, k, n, bits, group, dtype)], "prefill")
+        section("prefill", start)
+    if "fused" in wanted:
+        start = time.perf_counter()
+        for name, by_shape in shapes.items():
+            for (k, n), layers in by_shape.items():
+                if "gate_proj" in layers:
+                    save(measure_fused(name, k, n, bits, group, dtype), "fused")
+        section("fused", start)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,16 @@ def test_layer_decodes_on_the_kernel(forced):
     x = mx.random.normal((1, 1, 2048))
     want = qmm.gemv(launcher(backend()), x, layer.weight, layer.scales, layer.biases, 64, 4)
     assert type(layer) is QuantizedLinear and mx.array_equal(layer(x), want).item()
+
+
+@pytest.mark.parametrize("rows", [1, 3, qmm.MAX_ROWS])
+@pytest.mark.parametrize("shape", ["31B gate/up", "E2B gate/up", "26B-A4B gate/up"])
+def test_fused_gate_up(shape, rows):
+    """The MLP's fused gate/up GEMV with GeGLU, planned as the model plans it (the GEMV path forced)."""
+    k, n = {"31B gate/up": (5376, 21504), "E2B gate/up": (1536, 6144), "26B-A4B gate/up": (2816, 2112)}[shape]
+    x, w, scales, biases = qmm.quantized_case(rows, k, n, mx.bfloat16, 64, 4, seed=rows)
+    up = qmm.quantized_case(rows, k, n, mx.bfloat16, 64, 4, seed=rows + 1)[1:]
+    run = qmm.geglu_plan("gemv", backend(), x, w, scales, biases, 64, 4)
+    assert run is not None
+    want = qmm.geglu_reference(x, (w, scales, biases), up, 64, 4)
+    assert qmm.error(run(x, w, scales, biases, *up), want) <= qmm.TOLERANCE[mx.bfloat16]
