@@ -21,6 +21,7 @@ every MLX op costs microseconds (benchmarks/kv_quant_step_ops.py counts them). P
 the CPU take the reference, which dequantizes the rotated keys and values a tile at a time.
 """
 
+from functools import lru_cache
 from typing import NamedTuple, Optional, Union
 
 import mlx.core as mx
@@ -193,8 +194,9 @@ partial_kernel = Kernel(
 )
 
 COMBINE = r"""
-    // Template: T (output dtype), D, NT (threads per threadgroup), MAX_P (most partials a row).
+    // Template: T (output dtype), D, NT (threads per threadgroup), MAX_P (most partials a row), RECENT.
     // decode_attention's combine, then out = R_vᵀ·o' = diag(s)·H·o' / √D through threadgroup memory.
+    // With RECENT, one more partial (r_m, r_l, r_o) in the original basis: the full-precision recent keys.
     const uint t = thread_index_in_threadgroup;
     const uint lane = thread_index_in_simdgroup;
     const uint sg = simdgroup_index_in_threadgroup;
@@ -218,6 +220,9 @@ COMBINE = r"""
     for (int i = 1; i < NT / 32; i++) {
         m_all = metal::max(m_all, across[i]);
     }
+    if (RECENT) {
+        m_all = metal::max(m_all, r_m[row]);
+    }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // every thread has read `across` before its reuse
 
     float l = 0.0f;
@@ -235,13 +240,17 @@ COMBINE = r"""
     for (int i = 0; i < NT / 32; i++) {
         l_all += across[i];
     }
+    const float w_recent = RECENT ? metal::exp(r_m[row] - m_all) : 0.0f;
+    if (RECENT) {
+        l_all += w_recent * r_l[row];
+    }
 
     for (int d = t; d < D; d += NT) {
         float acc = 0.0f;
         for (int p = 0; p < parts; p++) {
             acc += weight[p] * o_part[(first + p) * D + d];
         }
-        o[d] = l_all > 0.0f ? acc / l_all : 0.0f;
+        o[d] = acc;  // normalized after the rotation, once the recent part has joined
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int h = 1; h < D; h <<= 1) {
@@ -256,14 +265,18 @@ COMBINE = r"""
     }
     const float factor = inv_sqrt_dim[0];
     for (int d = t; d < D; d += NT) {
-        out[size_t(row) * D + d] = static_cast<T>(o[d] * factor * v_sign[d]);
+        float x = o[d] * factor * v_sign[d];
+        if (RECENT) {
+            x += w_recent * r_o[size_t(row) * D + d];
+        }
+        out[size_t(row) * D + d] = static_cast<T>(l_all > 0.0f ? x / l_all : 0.0f);
     }
 """
 
 combine_kernel = Kernel(
     name="tq_attention_combine",
     source=COMBINE,
-    inputs=["o_part", "ml", "v_sign", "inv_sqrt_dim"],
+    inputs=["o_part", "ml", "v_sign", "inv_sqrt_dim", "r_m", "r_l", "r_o"],
     outputs=["out"],
 )
 
@@ -367,8 +380,8 @@ def tq_attention(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, 
 
 def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0,
            mask: Optional[mx.array] = None, recent: Optional[Recent] = None) -> mx.array:
-    """The kernel path: both passes through `launch` (they rotate q and the output), then the recent
-    window merged in MLX when there is one.
+    """The kernel path: both passes through `launch` (they rotate q and the output); the recent window,
+    when there is one, is attended in MLX ops and joins the combine pass as one more partial.
 
     `mask` covers the packed keys only (the recent window's packed copies hidden already)."""
     batch, n_heads, _, dim = queries.shape
@@ -384,7 +397,7 @@ def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: f
         inputs=[
             queries,
             k_codec.sign,
-            _constant(scale / dim**0.5),
+            _float(scale / dim**0.5),
             k_rows,
             k_rows.view(mx.float32),  # the same buffer: the norm word read as a float
             v_rows,
@@ -409,45 +422,40 @@ def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: f
         output_shapes=[(batch * n_heads, chunks * splits, dim), (batch * n_heads, chunks * splits, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
-    out_dtype = queries.dtype if recent is None else mx.float32  # the merge rounds once, at its end
+    r_m, r_l, r_o = (_float(0.0),) * 3 if recent is None else _recent_partial(queries, recent, scale)
     (out,) = launch(
         combine_kernel,
-        inputs=[o_part, ml, v_codec.sign, _constant(1 / dim**0.5)],
-        template=[("T", out_dtype), ("D", dim), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS)],
+        inputs=[o_part, ml, v_codec.sign, _float(1 / dim**0.5), r_m, r_l, r_o],
+        template=[("T", queries.dtype), ("D", dim), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS),
+                  ("RECENT", recent is not None)],
         grid=(COMBINE_THREADS, batch * n_heads, 1),
         threadgroup=(COMBINE_THREADS, 1, 1),
         output_shapes=[(batch, n_heads, 1, dim)],
-        output_dtypes=[out_dtype],
+        output_dtypes=[queries.dtype],
     )
-    if recent is None:
-        return out
-    return _merge_recent(out, ml, queries, recent, scale).astype(queries.dtype)
+    return out
 
 
-def _merge_recent(out, ml, queries, recent: Recent, scale: float) -> mx.array:
-    """Merge the packed keys' normalized output with attention over the full-precision recent keys.
+@lru_cache(maxsize=None)
+def _float(value: float) -> mx.array:
+    """A one-element float32 input made once (decode_attention's _constant would hand 0.0 or 1.0 its
+    cached boolean False or True: they hash alike)."""
+    return mx.array([value], mx.float32)
 
-    The packed part's log-sum-exp comes from the partials' (m, l); the recent keys (at most the
-    window) are attended in MLX ops, in the original basis as `out` is."""
+
+def _recent_partial(queries, recent: Recent, scale: float) -> tuple:
+    """(m, l, o) of the newest query over the full-precision recent keys (at most the window), in MLX
+    ops and the original basis: the combine pass merges it with the packed keys' partials."""
     batch, n_heads, _, dim = queries.shape
     n_kv = recent.keys.shape[1]
-    m_parts, l_parts = ml[..., 0], ml[..., 1]
-    m_packed = mx.max(m_parts, axis=1)
-    l_packed = mx.sum(mx.exp(m_parts - m_packed[:, None]) * l_parts, axis=1)
     q = (queries.astype(mx.float32) * scale).reshape(batch, n_kv, n_heads // n_kv, 1, dim)
     scores = q @ recent.keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
     visible = recent.mask[..., -1:, :][:, :, None]
     scores = mx.where(visible, scores, FLOOR)
-    m_recent = mx.max(scores, axis=-1, keepdims=True)
-    p = mx.where(visible, mx.exp(scores - m_recent), 0.0)
-    o_recent = (p @ recent.values.astype(mx.float32)[:, :, None]).reshape(batch, n_heads, 1, dim)
-    l_recent = mx.sum(p, axis=-1).reshape(batch, n_heads, 1, 1)
-    m_recent = m_recent.reshape(batch, n_heads, 1, 1)
-    m_packed, l_packed = m_packed.reshape(batch, n_heads, 1, 1), l_packed.reshape(batch, n_heads, 1, 1)
-    top = mx.maximum(m_packed, m_recent)
-    w_packed, w_recent = l_packed * mx.exp(m_packed - top), mx.exp(m_recent - top)
-    total = w_packed + w_recent * l_recent
-    return mx.where(total > 0, (w_packed * out + w_recent * o_recent) / mx.maximum(total, 1e-30), 0.0)
+    m = mx.max(scores, axis=-1, keepdims=True)
+    p = mx.where(visible, mx.exp(scores - m), 0.0)  # no visible key: l = 0, o = 0
+    o = p @ recent.values.astype(mx.float32)[:, :, None]
+    return m, mx.sum(p, axis=-1), o
 
 
 TOLERANCE = 1e-4  # max abs error against the reference on the same codes, float32 outputs ~N(0, 1)

@@ -103,28 +103,60 @@ def test_cache_views_are_read_through_strides():
     assert mx.abs(got - want).max().item() <= tq_attention.TOLERANCE
 
 
-@pytest.mark.parametrize("padding", [(0, 0), (0, 150)], ids=["full", "a row with only recent keys"])
-def test_recent_window_merges_with_the_packed_keys(padding):
-    """The newest 24 keys read in full precision (their packed copies hidden), merged by log-sum-exp."""
+def recent_case(padding, loud=1.0):
+    """The newest 24 keys read in full precision (their packed copies hidden), `loud` times longer."""
     q, k, v, k_codec, v_codec, mask = attention_case(256, 4, 4, 3, 170, padding)
     window, length = 24, 170
     keys = mx.random.split(mx.random.key(9), 2)
     recent = tq_attention.Recent(
-        mx.random.normal((2, 2, window, 256), key=keys[0]),
+        mx.random.normal((2, 2, window, 256), key=keys[0]) * loud,
         mx.random.normal((2, 2, window, 256), key=keys[1]),
         packed_mask=(mx.arange(length) < length - window)[None, None, None],
         mask=(mx.arange(window) >= mx.array([0, 5])[:, None])[:, None, None],
     )
+    return q, k, v, k_codec, v_codec, mask, recent
+
+
+def recent_error(case, launch=metal_emu.run):
+    q, k, v, k_codec, v_codec, mask, recent = case
     packed = mask[:, None, None] & recent.packed_mask
-    got = tq_attention.attend(metal_emu.run, q, k, v, k_codec, v_codec, 1.0, packed, recent)
+    got = tq_attention.attend(launch, q, k, v, k_codec, v_codec, 1.0, packed, recent)
     want = tq_attention.reference(q, k, v, k_codec, v_codec, 1.0, mask[:, None, None], recent)
-    assert mx.abs(got - want).max().item() <= tq_attention.TOLERANCE
+    return got, mx.abs(got - want).max().item()
+
+
+@pytest.mark.parametrize("padding", [(0, 0), (0, 150)], ids=["full", "a row with only recent keys"])
+def test_recent_window_merges_with_the_packed_keys(padding):
+    """The recent window joins the combine pass as one more partial (log-sum-exp merge)."""
+    case = recent_case(padding)
+    q, k, v, k_codec, v_codec, mask, recent = case
+    got, error = recent_error(case)
+    assert error <= tq_attention.TOLERANCE
     # the same attention over all keys dequantized and the recent ones appended
+    length = k.shape[2]
+    packed = mask[:, None, None] & recent.packed_mask
     all_k = mx.concatenate([k_codec.decode(k), recent.keys], axis=2)
     all_v = mx.concatenate([v_codec.decode(v), recent.values], axis=2)
     all_mask = mx.concatenate([mx.broadcast_to(packed, (2, 1, 1, length)), recent.mask], axis=-1)
     plain = mx.fast.scaled_dot_product_attention(q, all_k, all_v, scale=1.0, mask=all_mask)
     assert mx.abs(got - plain).max().item() <= tq_attention.TOLERANCE
+
+
+RECENT_BUGS = {  # (old, new, how much longer the recent keys are)
+    "recent output without its weight": ("x += w_recent * r_o", "x += r_o", 1.0),
+    "recent sum left out of the normalizer": ("l_all += w_recent * r_l[row];", "", 1.0),
+    # harmless until the recent scores exceed the packed ones by ~88 (exp overflows): 10x keys, ~100
+    "recent max left out": ("m_all = metal::max(m_all, r_m[row]);", "", 10.0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", RECENT_BUGS)
+def test_planted_recent_merge_bugs_are_caught(bug):
+    old, new, loud = RECENT_BUGS[bug]
+    broken = mutant(tq_attention.combine_kernel, old, new)
+    _, error = recent_error(recent_case((0, 0), loud), functools.partial(_seeded_swap, broken, seed=1))
+    assert not error <= 100 * tq_attention.TOLERANCE  # NaN counts as caught
 
 
 def test_masked_slots_holding_nan_contribute_nothing():
@@ -147,7 +179,12 @@ def sources(dim, group, k_bits, v_bits, masked) -> list:
     rows = mx.zeros((1, 1, 100, k_codec.words + 1), mx.uint32)
     v_rows = mx.zeros((1, 1, 100, v_codec.words + 1), mx.uint32)
     mask = mx.ones((1, 100), mx.bool_) if masked else None
-    tq_attention.attend(record, mx.zeros((1, group, 1, dim)), rows, v_rows, k_codec, v_codec, 1.0, mask)
+    q = mx.zeros((1, group, 1, dim))
+    tq_attention.attend(record, q, rows, v_rows, k_codec, v_codec, 1.0, mask)
+    if masked:  # a recent window hides its packed copies, so it comes with a mask
+        window = mx.zeros((1, 1, 16, dim))
+        recent = tq_attention.Recent(window, window, mx.ones((1, 1, 1, 100), mx.bool_), mx.ones((1, 1, 1, 16), mx.bool_))
+        tq_attention.attend(record, q.astype(mx.bfloat16), rows, v_rows, k_codec, v_codec, 1.0, mask, recent)
     for dtype in (mx.float32, mx.float16, mx.bfloat16):
         tq_encode.run(record, mx.zeros((3, dim), dtype), k_codec.sign, k_codec.centroids, k_codec.boundaries, k_bits)
     return captured

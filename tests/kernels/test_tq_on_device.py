@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_gemma4.kernels import backend
-from mlx_gemma4.kernels.tq_attention import TOLERANCE, Recent, reference, tq_attention
+from mlx_gemma4.kernels.tq_attention import ROUNDED_TOLERANCE, TOLERANCE, Recent, reference, tq_attention
 from mlx_gemma4.kernels.tq_encode import differences, encode
 from mlx_gemma4.turboquant.codec import TurboQuantCodec
 
@@ -45,6 +45,21 @@ def test_decode_attention_matches_reference(length, dim, group, k_bits, v_bits):
     with mx.stream(mx.cpu):  # MLX's CUDA float32 matmul may round through TF32 (1.3e-4 off at 4K keys)
         want = reference(q.astype(mx.float32), k, v, k_codec, v_codec, 1.0, mask)
     assert mx.abs(got - want).max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("dim,group", [(512, 8), (256, 2)])
+def test_bf16_queries_as_the_model_passes_them(dim, group):
+    """The kernel rotates bfloat16 queries itself and writes a bfloat16 output."""
+    k_codec, v_codec = TurboQuantCodec(dim, 4, 1), TurboQuantCodec(dim, 4, 2)
+    keys = mx.random.split(mx.random.key(3), 3)
+    q = mx.random.normal((1, 2 * group, 1, dim), key=keys[0]).astype(mx.bfloat16)
+    k = k_codec.encode(mx.random.normal((1, 2, 4096, dim), key=keys[1]).astype(mx.bfloat16))
+    v = v_codec.encode(mx.random.normal((1, 2, 4096, dim), key=keys[2]).astype(mx.bfloat16))
+    got = tq_attention(q, k, v, k_codec, v_codec, 1.0, None)
+    with mx.stream(mx.cpu):
+        want = reference(q, k, v, k_codec, v_codec, 1.0, None)
+    assert got.dtype == mx.bfloat16
+    assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= ROUNDED_TOLERANCE
 
 
 @pytest.mark.parametrize("length", [1, 4096, 131072])
