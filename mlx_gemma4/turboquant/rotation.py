@@ -2,8 +2,9 @@
 
 Each layer draws its own signs for keys and for values. `fwht` is the reference butterfly: the encode
 kernel performs the same additions in the same order (lowest stride first), so both produce the same
-rotated coordinates bit for bit and hence the same codes. Queries and outputs, which are never
-quantized, are rotated by one matmul with the dense Hadamard matrix instead (fewer operations a step).
+rotated coordinates bit for bit. On the GPU the decode kernels rotate queries and outputs with the
+same butterflies in threadgroup memory; the references (CPU, prefill) rotate them, never quantized,
+by one matmul with the dense Hadamard matrix (fewer MLX operations than the butterflies).
 """
 
 import math
