@@ -26,6 +26,8 @@ SCHEMES = {
     "TurboQuant 2/2": KVQuantConfig("turboquant", 2),
     "TurboQuant 4/4 + recent 16": KVQuantConfig("turboquant", 4, recent=16),
     "TurboQuant 4/4 + recent 32": KVQuantConfig("turboquant", 4, recent=32),
+    "TurboQuant 4/4 + recent 64": KVQuantConfig("turboquant", 4, recent=64),
+    "TurboQuant 4/4 + recent 128": KVQuantConfig("turboquant", 4, recent=128),
     "TurboQuant 4/3 + recent 32": KVQuantConfig("turboquant", 4, bits_v=3, recent=32),
     "TurboQuant 3/3 + recent 32": KVQuantConfig("turboquant", 3, recent=32),
     "affine 8": KVQuantConfig("affine", 8),
@@ -98,7 +100,7 @@ mean over positions past 4× the window. Compression = bytes of the cache arrays
 there 4/4 is 3.88×/3.94×). The stored TurboQuant norm is ‖x‖/‖c[codes]‖ (dequantized vectors keep
 their norm). "+ recent R": the newest R tokens are also kept in full precision and each query reads
 its R newest keys from them; the window is a fixed cost, so its share of the cache falls with the
-context (here it is a quarter or half of the {window}-token sliding window, a far larger share than
+context (here it is ¼, ½, 1 or 2 times the {window}-token sliding window, a far larger share than
 64-128 tokens are of Gemma 4's 512/1024 windows and long global caches: expect a smaller gain there).
 Affine rows store float32 scales and biases per group of min(64, head dim): 6 bits a coordinate at
 4 bits on the 32-wide heads, so "affine 4" spends more bits than "TurboQuant 4/4".
