@@ -20,6 +20,7 @@ layer's experts before this layer has run, and each copy is freed after its laye
 """
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,10 +40,16 @@ def gathered_matmul(w: Packed, x, indices, sorted_indices: bool) -> mx.array:
     return mx.gather_mm(x, w.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
 
-@mx.compile
-def geglu(gate_up):
-    gate, up = mx.split(gate_up, 2, axis=-1)
+@partial(mx.compile, shapeless=True)
+def _gelu_times(gate, up):
     return nn.gelu_approx(gate) * up
+
+
+def geglu(gate_up):
+    """Shapeless, with the split outside: `padded` sizes its slots per layer and chunk, and a compiled
+    function with shapes would be traced again for each."""
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    return _gelu_times(gate, up)
 
 
 def combine(pair_out, weights) -> mx.array:
@@ -119,13 +126,14 @@ def padded(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
 PATHS = {"gathered": gathered, "dequantized": dequantized, "padded": padded}
 
 # Rules (fewest tokens, most tokens, path) per backend, the first that matches the token count wins;
-# none: `gathered`. CUDA's 256-token threshold is a default, not a measurement: issue 7 found the
-# dense matmul on dequantized weights ahead of MLX's quantized matmul from 256 rows on 65 MB weights
-# (here a layer's experts are 380 MB at 4 bits, but each expert sees only ~K/E of the tokens);
-# benchmarks/moe.py times all three side by side and sets it. Metal and the CPU: MLX's own gather.
+# none: `gathered`. CUDA, from benchmarks/results/moe.md (H100, 26B-A4B dims, 4-bit, µs per block):
+# gathered / dequantized / padded 1124 / 4122 / 2931 at 32 tokens, 2973 / 4360 / 2922 at 128,
+# 10426 / 4883 / 3420 at 512, 39618 / 6033 / 4798 at 2048. `padded` also syncs the host once per layer,
+# which on CUDA lets the previous layer's dense experts be freed (with `dequantized` the 26B-A4B prefill
+# peaked at 35.9 GB against mlx-lm's 17.0). Metal and the CPU: MLX's own gather.
 INF = math.inf
 DISPATCH = {
-    "cuda": ((256, INF, "dequantized"),),
+    "cuda": ((256, INF, "padded"),),
     "metal": (),
     "reference": (),
 }
