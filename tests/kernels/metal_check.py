@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 from metal_source import rewrite
 
@@ -53,3 +54,13 @@ def lint(source: str) -> list:
         code = line.split("//")[0]
         problems += [f"line {number}: {why}: {line.strip()}" for pattern, why in _FORBIDDEN if re.search(pattern, code)]
     return problems
+
+
+def problems(sources) -> str:
+    """Every clang error and lint finding of `sources` (type-checked in parallel), as one text: empty
+    when all are clean."""
+    sources = sorted(set(sources))
+    with ThreadPoolExecutor() as pool:
+        found = [error for error in pool.map(check, sources) if error]
+    found += [problem for source in sources for problem in lint(source)]
+    return "\n".join(found)[:4000]

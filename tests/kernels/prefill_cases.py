@@ -3,7 +3,6 @@ as FullCache or SlidingCache return them for a multi-token update (a wrapped rin
 order), left-padded batches; with the mask the model builds, to check CausalMask against it."""
 
 from dataclasses import dataclass
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
