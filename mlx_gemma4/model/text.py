@@ -16,7 +16,7 @@ from ..cache import FullCache, SlidingCache
 from ..quantized_cache import KVQuantConfig, Packed, make_quantized_cache, quantized_attention
 from ..kernels import scaled_dot_product_attention
 from ..config import FULL, SLIDING, LayerSpec, TextConfig
-from .layers import MLP, RMSNorm, RoPE, attention_mask, rms_norm_no_scale, soft_cap
+from .layers import MLP, RMSNorm, RoPE, attention_mask, geglu, rms_norm_no_scale, scaled_residual, soft_cap
 from .moe import Experts, Router
 
 
@@ -90,11 +90,12 @@ class DecoderLayer(nn.Module):
             indices, weights = self.router(h)
             experts = self.experts(self.pre_feedforward_layernorm_2(h), indices, weights)
             ffn = self.post_feedforward_layernorm_1(ffn) + self.post_feedforward_layernorm_2(experts)
-        h = h + self.post_feedforward_layernorm(ffn)
+        update = self.post_feedforward_layernorm(ffn)
         if self.ple:
-            gated = nn.gelu_approx(self.per_layer_input_gate(h)) * per_layer_input
-            h = h + self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return h * self.layer_scalar, kv
+            h = h + update
+            gated = geglu(self.per_layer_input_gate(h), per_layer_input)
+            update = self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return scaled_residual(h, update, self.layer_scalar), kv
 
 
 class TextModel(nn.Module):

@@ -1,0 +1,31 @@
+"""One decode step's ops as a GPU builds them (benchmarks/decode_step_ops.py): fast ops count as one launch,
+the per-part attribution adds up to the step, and a layer's glue stays fused."""
+
+import mlx.core as mx
+
+from benchmarks.decode_step_ops import gpu_graph, graph_ops, kinds, layer_parts, step
+from benchmarks.kv_quant_speed import filled_cache
+from benchmarks.kv_quant_step_ops import shrunk_model
+
+
+def test_a_fast_op_is_one_launch():
+    x = mx.ones((1, 2, 1, 8))
+    mx.eval(x)
+    with gpu_graph():
+        ops = kinds(graph_ops(mx.fast.rope(mx.fast.rms_norm(x + 1, None, 1e-6), 8, traditional=False, base=1e4,
+                                           scale=1.0, offset=3)))
+    assert ops == {"kernels": 0, "fast": 2, "mlx": 1, "launches": 3, "views": ops["views"]}
+
+
+def test_layer_parts_add_up_to_the_step_and_glue_is_fused():
+    with gpu_graph():
+        model = shrunk_model("E2B")
+        whole = step(model, filled_cache(model, None, 600), repeats=1)
+        by_kind, counts = layer_parts(model, filled_cache(model, None, 600))
+    in_layers = sum(sum(parts.values()) * counts[kind] for kind, parts in by_kind.items())
+    outside = whole["launches"] - in_layers
+    assert 0 < outside <= 16  # embeddings, PLE inputs, final norm, head, soft-cap
+    glue = "layer glue (residuals, PLE gate, layer scalar)"
+    # attention residual + PLE residual, fused last residual with the layer scalar, the PLE gate's GeGLU (2)
+    assert all(parts[glue] == 5 for parts in by_kind.values())
+    assert by_kind["sliding"]["KV cache update"] == 2 and by_kind["sliding KV reader"].get("KV cache update", 0) == 0
