@@ -101,17 +101,27 @@ def dequantized(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
     return combine(mx.gather_mm(act, w2, rhs_indices=experts, sorted_indices=True)[inverse, 0], weights)
 
 
+# Slots per (token, expert) pair beyond which `padded` hands a layer to `dequantized`: an even spread
+# of 2048 x 8 pairs over 128 experts pads to ~1.3x (largest count over mean); one expert taking every
+# token would pad to E / K = 16x.
+MAX_PADDING = 4
+
+
 def padded(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
     """Per-expert slots [E, C, H] and two batched dense matmuls: x [T, H] -> [T, H].
 
     A pair's slot is its expert's row block plus its rank among that expert's pairs (its place in the
     sorted order minus where the expert's run starts); padding rows stay zero and are never read back.
+    Routing so lopsided that the slots would exceed MAX_PADDING x the pairs (compute and memory grow
+    with E x C) goes to `dequantized` instead.
     """
     num_experts, hidden, k = gate_up.weight.shape[0], x.shape[-1], indices.shape[-1]
     _, inverse, experts = sort_by_expert(indices)
     counts = mx.zeros((num_experts,), mx.int32).at[experts].add(1)
     starts = mx.cumsum(counts) - counts
     capacity = counts.max().item()  # the host sync: C sizes the slots
+    if num_experts * capacity > MAX_PADDING * experts.size:
+        return dequantized(x, indices, weights, gate_up, down)
     rank = mx.arange(experts.size) - starts[experts]
     slot = (experts.astype(mx.int32) * capacity + rank)[inverse]  # in (token, k) order
     slots = mx.zeros((num_experts * capacity, hidden), x.dtype)

@@ -70,6 +70,18 @@ def test_one_expert_takes_every_token(path):
     assert error(path, case) is None
 
 
+def test_padded_hands_lopsided_routing_to_dequantized(monkeypatch):
+    """Every token on experts 5 and 6 of 16 (top 2): the slots would be 8x the pairs, past MAX_PADDING,
+    so the layer runs `dequantized`, with the same result; an even spread stays on `padded`."""
+    calls = []
+    dequantized = moe_prefill.dequantized
+    monkeypatch.setattr(moe_prefill, "dequantized", lambda *a: calls.append(1) or dequantized(*a))
+    case = in_float32(experts_case("q4-g64-bf16", 12, HIDDEN, INNER, EXPERTS, 2))
+    assert error("padded", case) is None and not calls
+    case.indices = mx.broadcast_to(mx.array([5, 6], mx.uint32), (12, 2))
+    assert error("padded", case) is None and calls
+
+
 def test_dispatch_by_token_count(monkeypatch):
     fewest = next(rule[0] for rule in moe_prefill.DISPATCH["cuda"] if rule[2] != "gathered")
     assert moe_prefill.path("cuda", fewest - 1) == "gathered"
