@@ -11,8 +11,7 @@ from typing import Union
 
 import mlx.core as mx
 
-from .decode_attention import decode_attention
-from .decode_attention import supports as decode_supports
+from .decode_attention import plan as decode_plan
 from .prefill_attention import CausalMask, prefill_attention
 from .prefill_attention import supports as prefill_supports
 from .kernel import backend
@@ -36,17 +35,19 @@ def scaled_dot_product_attention(
     mask: Union[None, str, mx.array, CausalMask] = None,
 ) -> mx.array:
     length = queries.shape[2]
-    if isinstance(mask, str) and mask == "causal" and length > 1:
-        mask = CausalMask()
-    if backend() != "reference":
-        if length == 1:
-            decode_mask = mask if isinstance(mask, mx.array) else None  # a lone query is the newest token
-            mlx_is_faster = keys.shape[1] == 1 and keys.shape[2] > SINGLE_KV_HEAD_MAX_KEYS
-            if not mlx_is_faster and decode_supports(queries, keys, values, decode_mask):
-                return decode_attention(queries, keys, values, scale, decode_mask)
-        elif (
+    if length == 1:  # a decode step: its plan is cached per signature (decode_attention.plan)
+        decode_mask = mask if isinstance(mask, mx.array) else None  # a lone query is the newest token
+        mlx_is_faster = keys.shape[1] == 1 and keys.shape[2] > SINGLE_KV_HEAD_MAX_KEYS
+        run = None if mlx_is_faster else decode_plan(queries, keys, values, decode_mask)
+        if run is not None:
+            return run(queries, keys, values, scale, decode_mask)
+    else:
+        if isinstance(mask, str) and mask == "causal":
+            mask = CausalMask()
+        if (
             isinstance(mask, CausalMask)
             and queries.shape[3] in PREFILL_HEAD_DIMS
+            and backend() != "reference"
             and prefill_supports(queries, keys, values, mask)
         ):
             return prefill_attention(queries, keys, values, scale, mask)
