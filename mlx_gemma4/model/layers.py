@@ -20,7 +20,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
+        return mx.fast.rms_norm(x, self["weight"], self.eps)  # by item: see text.Attention
 
 
 def rms_norm_no_scale(x: mx.array, eps: float) -> mx.array:
@@ -49,9 +49,10 @@ class RoPE(nn.Module):
             self._periods = None
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
-        if self._periods is None:
+        periods = self.get("_periods")  # by item (see text.Attention); None is a plain attribute, not an item
+        if periods is None:
             return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=periods)
 
 
 @partial(mx.compile, shapeless=True)
@@ -70,7 +71,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+        return self["down_proj"](geglu(self["gate_proj"](x), self["up_proj"](x)))  # by item: see text.Attention
 
 
 @partial(mx.compile, shapeless=True)

@@ -38,23 +38,27 @@ class Attention(nn.Module):
         self.rope = RoPE(spec)
 
     def __call__(self, x, mask, offset: int, cache=None, shared_kv=None):
+        # Members by item (self["q_proj"]), here and in the decoder layer: nn.Module's attribute lookup
+        # of a member first raises and catches an AttributeError, ~1 us a time, ~30 times a layer, and a
+        # decode step on a GPU is bound by host time.
         batch, length, _ = x.shape
         dim = self.spec.head_dim
-        queries = self.q_norm(self.q_proj(x).reshape(batch, length, -1, dim))
-        queries = self.rope(queries.transpose(0, 2, 1, 3), offset)
+        rope = self["rope"]
+        queries = self["q_norm"](self["q_proj"](x).reshape(batch, length, -1, dim))
+        queries = rope(queries.transpose(0, 2, 1, 3), offset)
         if shared_kv is not None:
             keys, values = shared_kv
         else:
-            keys = self.k_proj(x).reshape(batch, length, -1, dim)
+            keys = self["k_proj"](x).reshape(batch, length, -1, dim)
             # k_eq_v (global layers of 26B/31B): values are the raw key projection, before k_norm.
-            values = keys if self.spec.k_eq_v else self.v_proj(x).reshape(batch, length, -1, dim)
-            keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset)
+            values = keys if self.spec.k_eq_v else self["v_proj"](x).reshape(batch, length, -1, dim)
+            keys = rope(self["k_norm"](keys).transpose(0, 2, 1, 3), offset)
             values = rms_norm_no_scale(values, self.eps).transpose(0, 2, 1, 3)
             keys, values = cache.update_and_fetch(keys, values)
         attend = quantized_attention if isinstance(keys, Packed) else scaled_dot_product_attention
         out = attend(queries, keys, values, scale=1.0, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        return self.o_proj(out), (keys, values)
+        return self["o_proj"](out), (keys, values)
 
 
 class DecoderLayer(nn.Module):
@@ -83,19 +87,19 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = RMSNorm(hidden, eps)
 
     def __call__(self, x, mask, offset, cache=None, shared_kv=None, per_layer_input=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), mask, offset, cache, shared_kv)
-        h = x + self.post_attention_layernorm(attn)
-        ffn = self.mlp(self.pre_feedforward_layernorm(h))
+        attn, kv = self["self_attn"](self["input_layernorm"](x), mask, offset, cache, shared_kv)
+        h = x + self["post_attention_layernorm"](attn)
+        ffn = self["mlp"](self["pre_feedforward_layernorm"](h))
         if self.moe:
-            indices, weights = self.router(h)
-            experts = self.experts(self.pre_feedforward_layernorm_2(h), indices, weights)
-            ffn = self.post_feedforward_layernorm_1(ffn) + self.post_feedforward_layernorm_2(experts)
-        update = self.post_feedforward_layernorm(ffn)
+            indices, weights = self["router"](h)
+            experts = self["experts"](self["pre_feedforward_layernorm_2"](h), indices, weights)
+            ffn = self["post_feedforward_layernorm_1"](ffn) + self["post_feedforward_layernorm_2"](experts)
+        update = self["post_feedforward_layernorm"](ffn)
         if self.ple:
             h = h + update
-            gated = geglu(self.per_layer_input_gate(h), per_layer_input)
-            update = self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return scaled_residual(h, update, self.layer_scalar), kv
+            gated = geglu(self["per_layer_input_gate"](h), per_layer_input)
+            update = self["post_per_layer_input_norm"](self["per_layer_projection"](gated))
+        return scaled_residual(h, update, self["layer_scalar"]), kv
 
 
 class TextModel(nn.Module):
