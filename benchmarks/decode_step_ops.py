@@ -10,6 +10,9 @@ node too (as kv_quant_step_ops.py stands in our kernels), and the graph is the o
 """
 
 import argparse
+import cProfile
+import gc
+import pstats
 import re
 import tempfile
 import time
@@ -163,18 +166,49 @@ def layer_parts(model, cache) -> dict:
     return out, counts
 
 
-def step(model, cache, repeats: int) -> dict:
-    """Ops of one whole decode step and the fastest of `repeats` builds of its graph (host only)."""
+def step(model, cache) -> dict:
+    """Ops of one whole decode step (after a warm-up step)."""
     token = mx.array([[1]], mx.int32)
     mx.eval(model(token, cache=cache))  # past any first-use work
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    logits = model(token, cache=cache)
+    ops = kinds(graph_ops(logits))
+    mx.eval(logits)
+    return ops
+
+
+def build_ms(steps: dict, repeats: int) -> dict:
+    """{name: fastest graph build of one decode step, ms} for `steps` {name: (model, cache)}: host only, no
+    evaluation. The builds are interleaved, so that every model sees the same load on a shared host, and
+    timed in this thread's CPU time with the garbage collector held off (a collection lands on whichever
+    build happens to allocate when it is due)."""
+    token = mx.array([[1]], mx.int32)
+    for model, cache in steps.values():
+        mx.eval(model(token, cache=cache))  # past any first-use work
+    best = dict.fromkeys(steps, float("inf"))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, (model, cache) in steps.items():
+                start = time.thread_time_ns()
+                logits = model(token, cache=cache)
+                best[name] = min(best[name], (time.thread_time_ns() - start) / 1e6)
+                mx.eval(logits)
+    finally:
+        gc.enable()
+    return best
+
+
+def profile(model, cache, top: int):
+    """cProfile's `top` functions by own time over 20 step builds (evaluation outside the profile)."""
+    token = mx.array([[1]], mx.int32)
+    profiler = cProfile.Profile()
+    for _ in range(20):
+        profiler.enable()
         logits = model(token, cache=cache)
-        times.append(time.perf_counter() - start)
-        ops = kinds(graph_ops(logits))
+        profiler.disable()
         mx.eval(logits)
-    return {**ops, "build_ms": 1e3 * min(times)}
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
 
 
 def mlx_lm_filled_cache(theirs, context: int) -> list:
@@ -196,23 +230,29 @@ def main():
     parser.add_argument("--out", required=True, help="markdown file for the tables")
     parser.add_argument("--presets", nargs="+", default=["E2B", "31B", "26B-A4B"])
     parser.add_argument("--context", type=int, default=4096, help="cached tokens (rings wrapped)")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=100, help="interleaved builds of each model's step")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print our step's N costliest functions")
     args = parser.parse_args()
     steps, parts = [], {}
     with gpu_graph():
         for preset in args.presets:
             model = shrunk_model(preset)
-            layers = model.config.num_hidden_layers
-            ours = step(model, filled_cache(model, None, args.context), args.repeats)
-            theirs_model = mlx_lm_twin(model)
+            theirs = mlx_lm_twin(model)
             name = "mlx-lm"
             if model.config.enable_moe_block:  # MLX's CPU gather_mm takes float32 only
-                theirs_model.set_dtype(mx.float32)
+                theirs.set_dtype(mx.float32)
                 name = "mlx-lm (float32)"
-            theirs = step(theirs_model, mlx_lm_filled_cache(theirs_model, args.context), args.repeats)
-            steps += [(preset, layers, "ours", ours), (preset, layers, name, theirs)]
+            caches = {"ours": filled_cache(model, None, args.context),
+                      name: mlx_lm_filled_cache(theirs, args.context)}
+            ours_ops, their_ops = step(model, caches["ours"]), step(theirs, caches[name])
+            build = build_ms({"ours": (model, caches["ours"]), name: (theirs, caches[name])}, args.repeats)
+            ours_ops["build_ms"], their_ops["build_ms"] = build["ours"], build[name]
+            steps += [(preset, model.config.num_hidden_layers, "ours", ours_ops, build["ours"] / build[name]),
+                      (preset, model.config.num_hidden_layers, name, their_ops, 1.0)]
             parts[preset] = layer_parts(model, filled_cache(model, None, args.context))
-            print(preset, "ours", ours, "mlx-lm", theirs, flush=True)
+            print(preset, "ours", ours_ops, name, their_ops, flush=True)
+            if args.profile:
+                profile(model, caches["ours"], args.profile)
     lines = [
         "# One decode step's ops as a GPU builds them",
         "",
@@ -220,15 +260,16 @@ def main():
         f"bf16 weights and KV cache, {args.context} cached tokens. Our kernels and MLX's fast ops stood in by one "
         "node each, as a GPU builds them. Launches: our kernels + fast ops + other MLX compute ops; views "
         f"(reshape, transpose, slice, broadcast) launch nothing. Build: fastest of {args.repeats} graph builds, "
-        f"Python and MLX graph construction only, on this host ({mx.default_device()}).",
+        "ours and mlx-lm's interleaved in one process, CPU time of the building thread with garbage collection "
+        f"held off: Python and MLX graph construction only, on this host ({mx.default_device()}).",
         "",
         "| preset | layers | model | our kernels | fast ops | other MLX ops | launches | launches / layer | "
-        "views | build ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "views | build ms | build vs mlx-lm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for preset, layers, name, c in steps:
+    for preset, layers, name, c, ratio in steps:
         lines.append(f"| {preset} | {layers} | {name} | {c['kernels']} | {c['fast']} | {c['mlx']} | {c['launches']} | "
-                     f"{c['launches'] / layers:.1f} | {c['views']} | {c['build_ms']:.2f} |")
+                     f"{c['launches'] / layers:.1f} | {c['views']} | {c['build_ms']:.2f} | {ratio:.2f}x |")
     lines += ["", "## Launches of one decoder layer, by part (ours)", ""]
     for preset, (by_kind, counts) in parts.items():
         labels = list(dict.fromkeys(label for kind in by_kind.values() for label in kind))

@@ -367,15 +367,40 @@ def supports(queries, k_rows, k_codec, v_codec, mask: Mask) -> bool:
 def tq_attention(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, mask: Mask = None,
                  recent: Optional[Recent] = None) -> mx.array:
     """[B, HQ, L, D] attention outputs on this device's kernel (decode), or the reference."""
+    run = plan(queries, k_rows, k_codec, v_codec, mask, recent)
+    if run is None:
+        return reference(queries, k_rows, v_rows, k_codec, v_codec, scale, mask, recent)
+    decode_mask = mask if isinstance(mask, mx.array) else None  # a lone newest query: "causal" is no mask
+    decode_mask = _packed_mask(decode_mask, recent, 1, k_rows.shape[2])
+    return run(queries, k_rows, v_rows, k_codec, v_codec, scale, decode_mask, recent)
+
+
+# Plans per signature, as decode_attention's (see there): a decode step calls this once per layer.
+_plans: dict = {}
+
+
+def plan(queries, k_rows, k_codec, v_codec, mask: Mask, recent: Optional[Recent]):
+    """The kernel call for inputs like these on this backend, run(queries, k_rows, v_rows, k_codec, v_codec,
+    scale, packed mask, recent), or None where the reference serves; probes a new configuration."""
     on = backend()
-    if on != "reference" and supports(queries, k_rows, k_codec, v_codec, mask):
-        decode_mask = mask if isinstance(mask, mx.array) else None  # a lone newest query: "causal" is no mask
-        decode_mask = _packed_mask(decode_mask, recent, 1, k_rows.shape[2])
-        group = queries.shape[1] // k_rows.shape[1]
-        config = (on, queries.dtype, queries.shape[3], group, k_codec.bits, v_codec.bits, decode_mask is not None)
-        if usable(("tq_attention", *config), lambda: _probe(*config)):
-            return attend(launcher(on), queries, k_rows, v_rows, k_codec, v_codec, scale, decode_mask, recent)
-    return reference(queries, k_rows, v_rows, k_codec, v_codec, scale, mask, recent)
+    if on == "reference":
+        return None
+    signature = (on, launcher, queries.shape, queries.dtype, k_rows.shape[1], k_codec.dim, k_codec.bits, v_codec.dim,
+                 v_codec.bits, mask if mask is None or isinstance(mask, str) else mask.dtype, recent is None)
+    run = _plans.get(signature, False)
+    if run is False:
+        run = None
+        if supports(queries, k_rows, k_codec, v_codec, mask):
+            masked = isinstance(mask, mx.array) or recent is not None
+            group = queries.shape[1] // k_rows.shape[1]
+            config = (on, queries.dtype, queries.shape[3], group, k_codec.bits, v_codec.bits, masked)
+            if not usable(("tq_attention", *config), lambda: _probe(*config)):
+                return None  # `usable` keeps this verdict, not the plans
+            batch, n_heads, _, dim = queries.shape
+            run = _launches(launcher(on), batch, n_heads, k_rows.shape[1], dim, queries.dtype, k_codec.bits,
+                            v_codec.bits, masked, recent is not None)
+        _plans[signature] = run
+    return run
 
 
 def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0,
@@ -385,55 +410,69 @@ def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: f
 
     `mask` covers the packed keys only (the recent window's packed copies hidden already)."""
     batch, n_heads, _, dim = queries.shape
-    n_kv, length = k_rows.shape[1], k_rows.shape[2]
+    run = _launches(launch, batch, n_heads, k_rows.shape[1], dim, queries.dtype, k_codec.bits, v_codec.bits,
+                    mask is not None, recent is not None)
+    return run(queries, k_rows, v_rows, k_codec, v_codec, scale, mask, recent)
+
+
+def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, dtype, k_bits: int, v_bits: int,
+              masked: bool, with_recent: bool):
+    """Both passes for inputs of this signature, worked out but for what depends on the key count."""
     group = n_heads // n_kv
     per_simdgroup = _heads_per_simdgroup(group, dim)
     head_groups = group // per_simdgroup
     splits = max(1, MIN_SIMDGROUPS // head_groups)
-    chunks = max(1, min(-(-TARGET_THREADGROUPS // (batch * n_kv)), -(-length // MIN_CHUNK), MAX_PARTIALS // splits))
+    most_chunks = min(-(-TARGET_THREADGROUPS // (batch * n_kv)), MAX_PARTIALS // splits)
     threads = 32 * head_groups * splits
-    o_part, ml = launch(
-        partial_kernel,
-        inputs=[
-            queries,
-            k_codec.sign,
-            _float(scale / dim**0.5),
-            k_rows,
-            k_rows.view(mx.float32),  # the same buffer: the norm word read as a float
-            v_rows,
-            v_rows.view(mx.float32),
-            _constant(False) if mask is None else mask.reshape(-1, length),
-            k_codec.centroids,
-            v_codec.centroids,
-        ],
-        template=[
-            ("T", queries.dtype),
-            ("D", dim),
-            ("G", group),
-            ("HPS", per_simdgroup),
-            ("NK", splits),
-            ("BK", BK),
-            ("KB", k_codec.bits),
-            ("VB", v_codec.bits),
-            ("MASKED", mask is not None),
-        ],
-        grid=(threads, chunks, batch * n_kv),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(batch * n_heads, chunks * splits, dim), (batch * n_heads, chunks * splits, 2)],
-        output_dtypes=[mx.float32, mx.float32],
-    )
-    r_m, r_l, r_o = (_float(0.0),) * 3 if recent is None else _recent_partial(queries, recent, scale)
-    (out,) = launch(
-        combine_kernel,
-        inputs=[o_part, ml, v_codec.sign, _float(1 / dim**0.5), r_m, r_l, r_o],
-        template=[("T", queries.dtype), ("D", dim), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS),
-                  ("RECENT", recent is not None)],
+    partial_template = [
+        ("T", dtype),
+        ("D", dim),
+        ("G", group),
+        ("HPS", per_simdgroup),
+        ("NK", splits),
+        ("BK", BK),
+        ("KB", k_bits),
+        ("VB", v_bits),
+        ("MASKED", masked),
+    ]
+    combine = dict(
+        template=[("T", dtype), ("D", dim), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS), ("RECENT", with_recent)],
         grid=(COMBINE_THREADS, batch * n_heads, 1),
         threadgroup=(COMBINE_THREADS, 1, 1),
         output_shapes=[(batch, n_heads, 1, dim)],
-        output_dtypes=[queries.dtype],
+        output_dtypes=[dtype],
     )
-    return out
+    no_recent = (_float(0.0),) * 3
+
+    def run(queries, k_rows, v_rows, k_codec, v_codec, scale: float, mask: Optional[mx.array], recent):
+        length = k_rows.shape[2]
+        chunks = max(1, min(most_chunks, -(-length // MIN_CHUNK)))
+        o_part, ml = launch(
+            partial_kernel,
+            inputs=[
+                queries,
+                k_codec.sign,
+                _float(scale / dim**0.5),
+                k_rows,
+                k_rows.view(mx.float32),  # the same buffer: the norm word read as a float
+                v_rows,
+                v_rows.view(mx.float32),
+                _constant(False) if mask is None else mask.reshape(-1, length),
+                k_codec.centroids,
+                v_codec.centroids,
+            ],
+            template=partial_template,
+            grid=(threads, chunks, batch * n_kv),
+            threadgroup=(threads, 1, 1),
+            output_shapes=[(batch * n_heads, chunks * splits, dim), (batch * n_heads, chunks * splits, 2)],
+            output_dtypes=[mx.float32, mx.float32],
+        )
+        r_m, r_l, r_o = no_recent if recent is None else _recent_partial(queries, recent, scale)
+        (out,) = launch(combine_kernel, inputs=[o_part, ml, v_codec.sign, _float(1 / dim**0.5), r_m, r_l, r_o],
+                        **combine)
+        return out
+
+    return run
 
 
 @lru_cache(maxsize=None)

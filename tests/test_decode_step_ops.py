@@ -3,7 +3,7 @@ the per-part attribution adds up to the step, and a layer's glue stays fused."""
 
 import mlx.core as mx
 
-from benchmarks.decode_step_ops import gpu_graph, graph_ops, kinds, layer_parts, step
+from benchmarks.decode_step_ops import build_ms, gpu_graph, graph_ops, kinds, layer_parts, step
 from benchmarks.kv_quant_speed import filled_cache
 from benchmarks.kv_quant_step_ops import shrunk_model
 
@@ -20,7 +20,7 @@ def test_a_fast_op_is_one_launch():
 def test_layer_parts_add_up_to_the_step_and_glue_is_fused():
     with gpu_graph():
         model = shrunk_model("E2B")
-        whole = step(model, filled_cache(model, None, 600), repeats=1)
+        whole = step(model, filled_cache(model, None, 600))
         by_kind, counts = layer_parts(model, filled_cache(model, None, 600))
     in_layers = sum(sum(parts.values()) * counts[kind] for kind, parts in by_kind.items())
     outside = whole["launches"] - in_layers
@@ -29,3 +29,15 @@ def test_layer_parts_add_up_to_the_step_and_glue_is_fused():
     # attention residual + PLE residual, fused last residual with the layer scalar, the PLE gate's GeGLU (2)
     assert all(parts[glue] == 5 for parts in by_kind.values())
     assert by_kind["sliding"]["KV cache update"] == 2 and by_kind["sliding KV reader"].get("KV cache update", 0) == 0
+
+
+def test_build_times_are_interleaved_per_model_and_leave_gc_on():
+    import gc
+
+    with gpu_graph():
+        model = shrunk_model("31B")
+        first, second = filled_cache(model, None, 600), filled_cache(model, None, 600)
+        times = build_ms({"a": (model, first), "b": (model, second)}, repeats=2)
+    assert set(times) == {"a", "b"} and all(0 < t < 1e4 for t in times.values())
+    assert gc.isenabled()
+    assert first[0].offset == second[0].offset == 600 + 3  # warm-up and two builds each, evaluated

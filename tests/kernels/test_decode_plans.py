@@ -91,3 +91,48 @@ def test_model_hook_runs_the_plan_for_decode_and_mlx_beyond_its_crossover(monkey
     want = mx.fast.scaled_dot_product_attention(*long, scale=1.0)
     assert mx.array_equal(sdpa.scaled_dot_product_attention(*long, 1.0, None), want).item()
     assert len(launches) == 2
+
+
+def test_tq_attention_plans_per_signature(monkeypatch):
+    """TurboQuant decode attention caches its plans the same way; `tq_attention` runs the plan's launches."""
+    from mlx_gemma4.kernels import tq_attention
+    from mlx_gemma4.turboquant.codec import TurboQuantCodec
+
+    calls = []
+
+    def launcher(on):
+        def launch(kernel, *, grid, output_shapes, output_dtypes, **_):
+            calls.append((on, kernel.name, grid))
+            return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+
+        return launch
+
+    monkeypatch.setattr(tq_attention, "launcher", launcher)
+    monkeypatch.setattr(tq_attention, "usable", lambda key, probe: True)
+    monkeypatch.setattr(tq_attention, "_plans", {})
+    four, three = TurboQuantCodec(128, 4, 0), TurboQuantCodec(128, 3, 1)
+    q = mx.zeros((1, 8, 1, 128), mx.bfloat16)
+    encoded = {(keys, codec.bits): codec.encode(mx.zeros((1, 1, keys, 128))) for keys in (100, 5000) for codec in (four, three)}
+    monkeypatch.setenv(ENV, "cuda")  # after the encodes (their own kernels would probe)
+
+    def rows(keys, codec=four):
+        return encoded[keys, codec.bits]
+
+    run = tq_attention.plan(q, rows(100), four, four, None, None)
+    assert run is not None and tq_attention.plan(q, rows(5000), four, four, None, None) is run
+    others = [tq_attention.plan(q, rows(100, three), three, four, None, None),
+              tq_attention.plan(q, rows(100), four, three, None, None),
+              tq_attention.plan(q, rows(100), four, four, mx.ones((1, 1, 1, 100), mx.bool_), None),
+              tq_attention.plan(q.astype(mx.float16), rows(100), four, four, None, None)]
+    assert None not in others and len({id(p) for p in others + [run]}) == 5
+    tq_attention.tq_attention(q, rows(100), rows(100), four, four, 1.0, None)
+    tq_attention.tq_attention(q, rows(5000), rows(5000), four, four, 1.0, None)
+    assert [name for _, name, _ in calls] == ["tq_attention_partial", "tq_attention_combine"] * 2
+    assert calls[0][2][1] < calls[2][2][1]  # chunks follow the key count
+    monkeypatch.setenv(ENV, "reference")
+    assert tq_attention.plan(q, rows(100), four, four, None, None) is None
+    monkeypatch.setenv(ENV, "cuda")
+    monkeypatch.setattr(tq_attention, "usable", lambda key, probe: False)
+    assert tq_attention.plan(q, rows(100), four, four, None, mx.zeros(1)) is None  # a new signature, failed probe
+    monkeypatch.setattr(tq_attention, "usable", lambda key, probe: True)
+    assert tq_attention.plan(q, rows(100), four, four, None, mx.zeros(1)) is not None  # not cached as failed
