@@ -35,7 +35,7 @@ def test_build_times_are_interleaved_per_model_and_leave_gc_on():
     import gc
 
     with gpu_graph():
-        model = shrunk_model("31B")
+        model = shrunk_model("E2B")
         first, second = filled_cache(model, None, 600), filled_cache(model, None, 600)
         times = build_ms({"a": (model, first), "b": (model, second)}, repeats=2)
     assert set(times) == {"a", "b"} and all(0 < t < 1e4 for t in times.values())
