@@ -25,7 +25,6 @@ from mlx_gemma4.config import TextConfig
 from mlx_gemma4.kernels import moe_experts, moe_router, sdpa, tq_attention, tq_encode
 from mlx_gemma4.model import Model
 from mlx_gemma4.presets import PRESETS
-from mlx_gemma4.quantized_cache import KVQuantConfig
 
 from .kv_quant_speed import CACHES, filled_cache
 

@@ -14,7 +14,6 @@ whose config.json is rewritten that way (weights are linked, not copied).
 
 import argparse
 import hashlib
-import json
 import subprocess
 import tempfile
 from importlib.metadata import version

@@ -1,6 +1,5 @@
 """Generation loop: sampling settings, stop conditions, streaming, prompt-cache reuse."""
 
-import mlx.core as mx
 import numpy as np
 import pytest
 

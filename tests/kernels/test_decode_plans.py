@@ -12,9 +12,9 @@ from mlx_gemma4.kernels import ENV, sdpa
 decode = importlib.import_module("mlx_gemma4.kernels.decode_attention")
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Every kernel probe passes; launches are recorded (backend, kernel, grid) and yield zeros."""
+def record_launches(monkeypatch, module) -> list:
+    """In `module`, every kernel probe passes and launches are recorded (backend, kernel, grid) and
+    yield zeros; returns the record."""
     calls = []
 
     def launcher(on):
@@ -24,10 +24,15 @@ def launches(monkeypatch):
 
         return launch
 
-    monkeypatch.setattr(decode, "launcher", launcher)
-    monkeypatch.setattr(decode, "usable", lambda key, probe: True)
-    monkeypatch.setattr(decode, "_plans", {})
+    monkeypatch.setattr(module, "launcher", launcher)
+    monkeypatch.setattr(module, "usable", lambda key, probe: True)
+    monkeypatch.setattr(module, "_plans", {})
     return calls
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    return record_launches(monkeypatch, decode)
 
 
 def inputs(keys=300, heads=8, kv_heads=1, dim=256, dtype=mx.bfloat16, batch=1):
@@ -98,18 +103,7 @@ def test_tq_attention_plans_per_signature(monkeypatch):
     from mlx_gemma4.kernels import tq_attention
     from mlx_gemma4.turboquant.codec import TurboQuantCodec
 
-    calls = []
-
-    def launcher(on):
-        def launch(kernel, *, grid, output_shapes, output_dtypes, **_):
-            calls.append((on, kernel.name, grid))
-            return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
-
-        return launch
-
-    monkeypatch.setattr(tq_attention, "launcher", launcher)
-    monkeypatch.setattr(tq_attention, "usable", lambda key, probe: True)
-    monkeypatch.setattr(tq_attention, "_plans", {})
+    calls = record_launches(monkeypatch, tq_attention)
     four, three = TurboQuantCodec(128, 4, 0), TurboQuantCodec(128, 3, 1)
     q = mx.zeros((1, 8, 1, 128), mx.bfloat16)
     encoded = {(keys, codec.bits): codec.encode(mx.zeros((1, 1, keys, 128))) for keys in (100, 5000) for codec in (four, three)}
