@@ -5,11 +5,19 @@
 gate_up [E, 2I, H] holds gate rows then up rows (HF's fused `gate_up_proj`), down [E, H, I]; float or
 affine 4/8-bit (moe_weights.py). x [T, H]; indices, weights [T, K] from the router (moe_router.py).
 
-Decode (up to DECODE_TOKENS tokens) runs in two passes that stream the chosen experts' weights once:
-1. `moe_gate_up`: a simdgroup per (token, slot k, j < I) reads gate row j and up row j of expert e
-   together (lanes split H into words), and writes gelu(gate) * up, float32, to act [T*K, I].
-2. `moe_down`: a simdgroup per (token, R output rows) walks all K experts' down rows at once (lanes
-   split K * I), weighting each expert's part by its routing weight: the combine is free.
+Decode (up to DECODE_TOKENS tokens) runs in two passes that stream the chosen experts' weights once,
+each lane reading 16 bytes of every row it works on per step (moe_weights.row_dot), all rows' loads issued
+before their arithmetic:
+1. `moe_gate_up`: a simdgroup per (token, slot k, J consecutive j < I) reads gate rows j and up rows j
+   of expert e together (lanes split H into chunks), and writes gelu(gate) * up, float32, to act [T*K, I].
+2. `moe_down`: a threadgroup per (token, R output rows) walks all K experts' down rows at once, its SG
+   simdgroups splitting K * I between them, weighting each expert's part by its routing weight (the
+   combine is free); the simdgroups' sums meet in threadgroup memory.
+Sizing, for 26B-A4B on an H100 (132 SMs, ~32-64 KB in flight per SM saturate HBM): a lane has 2J = 8
+gate/up or R = 8 down rows' 16-byte chunks in flight, 4 KB a simdgroup; one token's gate/up pass is 8 * 704
+/ J = 1408 simdgroups, ~43 KB an SM, and its down pass 2816 / R * SG = 1408, the same. Splitting K * I
+between simdgroups is what lets the down pass, whose output has only 2816 rows, have as many loads in
+flight as the gate/up pass.
 More tokens (prefill) go to moe_prefill.py, which sorts the (token, expert) pairs by expert so that
 each expert's weights are read once per run of tokens (and, past a size, dequantized for dense GEMMs).
 """
@@ -25,59 +33,71 @@ from .moe_weights import Packed, kernel_supports, names, row_dot
 DECODE_TOKENS = 8  # the kernels' range; beyond it the sorted gathered matmuls win (weights reread per token)
 SORT_THRESHOLD = 64  # (token, expert) pairs from which sorting by expert pays
 SIMDGROUPS = 4
-DOWN_ROWS = 2  # output rows a simdgroup of the down pass computes: more loads in flight per lane
+GATE_UP_JS = 4  # j's a gate/up simdgroup computes: 8 rows' chunks in flight per lane (module doc)
+DOWN_ROWS = 8  # output rows of a down threadgroup, whose simdgroups split K * I: 8 chunks in flight per lane
 
 GATE_UP = r"""
-    // Template: N (= H), I, K, BITS, GS, VPC, SG.
+    // Template: N (= H), I, K, BITS, GS, VPC, SG, J (j's a simdgroup).
     const uint lane = thread_index_in_simdgroup;
     const uint pair = threadgroup_position_in_grid.z;  // token * K + slot
-    const int j = threadgroup_position_in_grid.y * SG + simdgroup_index_in_threadgroup;
-    if (j < I) {  // uniform across the simdgroup
+    const int j0 = (threadgroup_position_in_grid.y * SG + simdgroup_index_in_threadgroup) * J;
+    if (j0 < I) {  // uniform across the simdgroup; I is a multiple of J
         const size_t e = indices[pair];
         const size_t xrow = size_t(pair / K) * N;
-        float acc[2] = {0.0f, 0.0f};
+        float acc[2 * J];  // gate rows, then up rows
+        for (int i = 0; i < 2 * J; i++) {
+            acc[i] = 0.0f;
+        }
         for (int c = lane; c < N / VPC; c += 32) {
             DOT
         }
-        const float gate = simd_sum(acc[0]);
-        const float up = simd_sum(acc[1]);
-        if (lane == 0) {
-            // gelu, tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1) is exact at both infinities
-            const float u = 0.7978845608028654f * (gate + 0.044715f * gate * gate * gate);
-            const float tanh_u = 1.0f - 2.0f / (metal::exp(2.0f * u) + 1.0f);
-            act[size_t(pair) * I + j] = 0.5f * gate * (1.0f + tanh_u) * up;
+        for (int i = 0; i < J; i++) {
+            const float gate = simd_sum(acc[i]);
+            const float up = simd_sum(acc[J + i]);
+            if (lane == 0) {
+                // gelu, tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1) is exact at both infinities
+                const float u = 0.7978845608028654f * (gate + 0.044715f * gate * gate * gate);
+                const float tanh_u = 1.0f - 2.0f / (metal::exp(2.0f * u) + 1.0f);
+                act[size_t(pair) * I + j0 + i] = 0.5f * gate * (1.0f + tanh_u) * up;
+            }
         }
     }
 """
 
 DOWN = r"""
-    // Template: N (= I), H, K, BITS, GS, VPC, SG, R (rows a simdgroup), OT (output type).
+    // Template: N (= I), H, K, BITS, GS, VPC, SG, R (rows a threadgroup), OT (output type).
     constexpr int CPR = N / VPC;  // chunks per expert row
+    threadgroup float partial[SG * R];
     const uint lane = thread_index_in_simdgroup;
+    const uint tid = thread_index_in_threadgroup;
     const uint t = threadgroup_position_in_grid.z;
-    const int h0 = (threadgroup_position_in_grid.y * SG + simdgroup_index_in_threadgroup) * R;
-    if (h0 < H) {  // uniform across the simdgroup
-        float acc[R];
-        for (int i = 0; i < R; i++) {
-            acc[i] = 0.0f;
-        }
-        for (int c = lane; c < K * CPR; c += 32) {
-            const int k = c / CPR;
-            const int chunk = c - k * CPR;
-            const uint pair = t * K + k;
-            const size_t e = indices[pair];
-            const float weight = weights[pair];
-            const size_t xrow = size_t(pair) * N;
-            DOT
-        }
-        for (int i = 0; i < R; i++) {
-            acc[i] = simd_sum(acc[i]);
-        }
+    const int h0 = threadgroup_position_in_grid.y * R;
+    float acc[R];
+    for (int i = 0; i < R; i++) {
+        acc[i] = 0.0f;
+    }
+    for (int c = tid; c < K * CPR; c += 32 * SG) {
+        const int k = c / CPR;
+        const int chunk = c - k * CPR;
+        const uint pair = t * K + k;
+        const size_t e = indices[pair];
+        const float weight = weights[pair];
+        const size_t xrow = size_t(pair) * N;
+        DOT
+    }
+    for (int i = 0; i < R; i++) {
+        const float total = simd_sum(acc[i]);
         if (lane == 0) {
-            for (int i = 0; i < R; i++) {
-                out[size_t(t) * H + h0 + i] = static_cast<OT>(acc[i]);
-            }
+            partial[simdgroup_index_in_threadgroup * R + i] = total;
         }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid < R && h0 + int(tid) < H) {
+        float total = 0.0f;
+        for (int g = 0; g < SG; g++) {
+            total += partial[g * R + tid];
+        }
+        out[size_t(t) * H + h0 + tid] = static_cast<OT>(total);
     }
 """
 
@@ -87,8 +107,10 @@ def _indent(code: str, spaces: int) -> str:
 
 
 def _gate_up_kernel(quantized: bool) -> Kernel:
-    rows = ["e * 2 * I + j", "e * 2 * I + I + j"]
-    dot = row_dot(quantized, "w", rows, "c", "load4(x + xrow + {})", ["acc[0]", "acc[1]"])
+    js = [f"j0 + {i}" for i in range(GATE_UP_JS)]  # I is a multiple of J (supports)
+    rows = [f"e * 2 * I + {j}" for j in js] + [f"e * 2 * I + I + {j}" for j in js]
+    acc = [f"acc[{i}]" for i in range(2 * GATE_UP_JS)]
+    dot = row_dot(quantized, "w", rows, "c", "load4(x + xrow + {})", acc)
     return Kernel(
         name=f"moe_gate_up_{'q' if quantized else 'f'}",
         source=GATE_UP.replace("DOT", _indent(dot, 12)),
@@ -98,12 +120,12 @@ def _gate_up_kernel(quantized: bool) -> Kernel:
 
 
 def _down_kernel(quantized: bool) -> Kernel:
-    rows = [f"e * H + h0 + {i}" for i in range(DOWN_ROWS)]
+    rows = [f"e * H + metal::min(h0 + {i}, H - 1)" for i in range(DOWN_ROWS)]  # past H: row H - 1, never written
     acc = [f"acc[{i}]" for i in range(DOWN_ROWS)]
     dot = row_dot(quantized, "w", rows, "chunk", "load4(act + xrow + {})", acc, factor="weight")
     return Kernel(
         name=f"moe_down_{'q' if quantized else 'f'}",
-        source=DOWN.replace("DOT", _indent(dot, 12)),
+        source=DOWN.replace("DOT", _indent(dot, 8)),
         inputs=["act", "indices", "weights", *names("w", quantized)],
         outputs=["out"],
     )
@@ -135,8 +157,8 @@ def supports(x, indices, weights, gate_up: Packed, down: Packed) -> bool:
         and kernel_supports(down)
         and gate_up.n == hidden
         and gate_up.weight.shape[-2] == 2 * inner
+        and inner % GATE_UP_JS == 0  # always so: a row length is a multiple of 4 (float) or 32 (quantized)
         and down.weight.shape[-2] == hidden
-        and hidden % DOWN_ROWS == 0
         and x.dtype in (mx.float32, mx.float16, mx.bfloat16)
         and indices.dtype in (mx.uint32, mx.int32)
         and weights.dtype == mx.float32
@@ -163,8 +185,8 @@ def run(launch: Launcher, x, indices, weights, gate_up: Packed, down: Packed) ->
     (act,) = launch(
         GATE_UP_KERNELS[gate_up.quantized],
         inputs=[x.reshape(tokens, hidden), indices.reshape(-1), *gate_up.arrays],
-        template=[("N", hidden), ("I", inner), ("K", k), *gate_up.template(), ("SG", SIMDGROUPS)],
-        grid=(32 * SIMDGROUPS, -(-inner // SIMDGROUPS), tokens * k),
+        template=[("N", hidden), ("I", inner), ("K", k), *gate_up.template(), ("SG", SIMDGROUPS), ("J", GATE_UP_JS)],
+        grid=(32 * SIMDGROUPS, -(-inner // (SIMDGROUPS * GATE_UP_JS)), tokens * k),
         threadgroup=(32 * SIMDGROUPS, 1, 1),
         output_shapes=[(tokens * k, inner)],
         output_dtypes=[mx.float32],
@@ -174,7 +196,7 @@ def run(launch: Launcher, x, indices, weights, gate_up: Packed, down: Packed) ->
         inputs=[act, indices.reshape(-1), weights.reshape(-1), *down.arrays],
         template=[("N", inner), ("H", hidden), ("K", k), *down.template(), ("SG", SIMDGROUPS), ("R", DOWN_ROWS),
                   ("OT", x.dtype)],
-        grid=(32 * SIMDGROUPS, -(-hidden // (SIMDGROUPS * DOWN_ROWS)), tokens),
+        grid=(32 * SIMDGROUPS, -(-hidden // DOWN_ROWS), tokens),
         threadgroup=(32 * SIMDGROUPS, 1, 1),
         output_shapes=[(tokens, hidden)],
         output_dtypes=[x.dtype],

@@ -18,6 +18,12 @@ FORMATS = {
     "q4-g32-fp16": (mx.float16, 4, 32),
     "q8-g128-f32": (mx.float32, 8, 128),
 }
+# Chunking edge cases of the experts' emulator tests only: a 16-byte chunk is 32 values at 4 bits and 16 at
+# 8, so group 32 at 8 bits is two chunks a group and group 128 at 4 bits four.
+CHUNK_FORMATS = {
+    "q8-g32-bf16": (mx.bfloat16, 8, 32),
+    "q4-g128-fp16": (mx.float16, 4, 128),
+}
 
 
 @dataclass
@@ -53,7 +59,7 @@ def router_case(fmt: str, tokens: int, hidden: int, experts: int = 128, top_k: i
 
 def experts_case(fmt: str, tokens: int, hidden: int, inner: int, experts: int = 16, top_k: int = 8,
                  seed: int = 0) -> ExpertsCase:
-    dtype, bits, group = FORMATS[fmt]
+    dtype, bits, group = {**FORMATS, **CHUNK_FORMATS}[fmt]
     keys = mx.random.split(mx.random.key(seed), 5)
     chosen = mx.argsort(mx.random.uniform(shape=(tokens, experts), key=keys[0]), axis=-1)[:, :top_k]
     return ExpertsCase(

@@ -58,6 +58,16 @@ def test_experts_match_reference(fmt, tokens=2):
     assert experts_error(experts_case(fmt, tokens, hidden=256, inner=inner)) is None
 
 
+@pytest.mark.parametrize("fmt, hidden, inner", [
+    ("q4-g32-fp16", 96, 160),  # rows of 3 and 5 chunks: most lanes idle; K * 5 = 40 down chunks for 128 threads
+    ("q8-g32-bf16", 1056, 96),  # 66 chunks a gate/up row: two full lane steps and 2 lanes; 2 chunks a group
+    ("q4-g128-fp16", 384, 128),  # 4 chunks a group
+    ("f32", 132, 20),  # 132 output rows: the last down threadgroup has 4 rows past H
+])
+def test_experts_chunking_edges(fmt, hidden, inner):
+    assert experts_error(experts_case(fmt, 2, hidden, inner, experts=10)) is None
+
+
 def test_experts_eight_tokens_sharing_experts():
     """Decode's upper end, a batch of 8 whose tokens pick overlapping experts of only 10."""
     assert experts_error(experts_case("q4-g64-bf16", 8, hidden=128, inner=64, experts=10)) is None

@@ -88,9 +88,9 @@ def router_problem(replacement, seed=0):
     return moe_router.mismatch(got, case.x, case.proj, case.scale, case.per_expert_scale, case.top_k, case.eps)
 
 
-def experts_problem(replacement):
+def experts_problem(replacement, seed=0):
     case = experts_case("q4-g64-bf16", 2, hidden=256, inner=192)
-    got = moe_experts.run(swapping(replacement), case.x, case.indices, case.weights, case.gate_up, case.down)
+    got = moe_experts.run(swapping(replacement, seed), case.x, case.indices, case.weights, case.gate_up, case.down)
     return moe_experts.mismatch(got, moe_experts.float32_reference(case.x, case.indices, case.weights,
                                                                    case.gate_up, case.down))
 
@@ -103,8 +103,24 @@ def test_emulator_catches_a_missing_router_barrier(seed):
 
 
 def test_emulator_catches_a_wrong_nibble():
-    """Unpacking odd values of a word from the even nibble before them."""
-    assert experts_problem(mutant(moe_experts.GATE_UP_KERNELS[True], "(word >> (BITS * v))", "(word >> (BITS * (v & ~1)))"))
+    """Unpacking odd values of a half word from the even nibble before them."""
+    assert experts_problem(mutant(moe_experts.GATE_UP_KERNELS[True], "(MASK << o)", "(MASK << (o & ~4u))"))
+
+
+def test_emulator_catches_a_high_half_word_read_low():
+    assert experts_problem(mutant(moe_experts.GATE_UP_KERNELS[True], "q[3][h / 2] >> 16", "q[3][h / 2]"))
+
+
+def test_emulator_catches_a_chunk_given_its_words_group():
+    """The group of a 16-byte chunk counted in words, as in the 4-byte chunks before: wrong from GS / 4 on."""
+    assert experts_problem(mutant(moe_experts.DOWN_KERNELS[True], "VPC * (chunk) / GS", "4 * (chunk) / GS"))
+
+
+def test_emulator_catches_a_down_pass_without_its_barrier():
+    """The simdgroups' partial sums read before all are written (shuffled schedule)."""
+    barrier = "threadgroup_barrier(mem_flags::mem_threadgroup);"
+    down = moe_experts.DOWN_KERNELS[True]
+    assert experts_problem(mutant(down, barrier, ""), seed=5)
 
 
 def test_emulator_catches_a_dropped_routing_weight():
