@@ -8,13 +8,14 @@ accumulation whatever the dtypes, so `reference` is mx.quantized_matmul on exact
 CPU op in bfloat16 is ~10 % off at K = 4096).
 
 Decode reads every weight once per token, so for 1-8 rows (`gemv`) the kernel streams them at memory
-speed. A threadgroup owns RPS = 4 weight rows and NSG simdgroups that split K between them: its lanes
+speed. A threadgroup owns RPS weight rows and NSG simdgroups that split K between them: its lanes
 walk K in steps of NSG x 32 lanes x one 16-byte word per row (32 codes at 4 bits, 16 at 8), and the
 next step's words, scales and biases are loaded before the current step's arithmetic, so that a lane
-never waits on memory it could have asked for earlier. NSG (`simdgroups`) grows for short N until the
-launch has enough simdgroups to fill an H100; each simdgroup's sums meet in threadgroup memory. A
-lane's chunk lies inside one quantization group, so it folds its partial dot products as
-scale * sum(x * code) + bias * sum(x). The activations come from L1, reused across the RPS rows. Codes
+never waits on memory it could have asked for earlier. The launch shape (RPS, NSG) comes from
+`LAUNCH_SHAPES` per backend and weight shape (benchmarks/gemv_sweep.py measures them all); by default
+RPS = 4 and NSG (`simdgroups`) grows for short N until the launch has enough simdgroups to fill an
+H100. Each simdgroup's sums meet in threadgroup memory. A lane's chunk lies inside one quantization
+group, so it folds its partial dot products as scale * sum(x * code) + bias * sum(x). The activations come from L1, reused across the RPS rows. Codes
 become floats without an int->float conversion (a quarter-rate instruction on NVIDIA GPUs): a code
 placed in the mantissa of 2^(23 - s), s its bit offset, reads as 2^(23 - s) + code exactly. The body's
 template: T (output dtype), BITS, GS (group size), M (rows of x), RPS, NSG; its comments are few and
@@ -144,8 +145,8 @@ ROWS_BODY = r"""
         }
     }
 
-    // Each simdgroup's sums to threadgroup memory, then one thread per (output row, x row) adds the
-    // NSG partial sums of each matrix in simdgroup order.
+    // Each simdgroup's sums to threadgroup memory, then one thread per (output row, x row) (taken in
+    // turns when the threadgroup has fewer) adds the NSG partial sums of each matrix in simdgroup order.
     for (int r = 0; r < ROWS; r++) {
         for (int m = 0; m < M; m++) {
             const float total = simd_sum(acc[r][m]);
@@ -155,14 +156,14 @@ ROWS_BODY = r"""
         }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (tid < RPS * M) {
-        const int r = tid / M;
-        const int m = tid % M;
+    for (int i = tid; i < RPS * M; i += 32 * NSG) {
+        const int r = i / M;
+        const int m = i % M;
         float total[MATS];
         for (int j = 0; j < MATS; j++) {
             total[j] = 0.0f;
             for (int g = 0; g < NSG; g++) {
-                total[j] += partial[g * (ROWS * M) + j * (RPS * M) + tid];
+                total[j] += partial[g * (ROWS * M) + j * (RPS * M) + i];
             }
         }
         if (first + r < N) {
@@ -200,7 +201,8 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 MAX_ROWS = 8  # rows of x the GEMV takes; its arithmetic grows with them, its weight reads do not
-ROWS_PER_THREADGROUP = 4
+ROWS_PER_THREADGROUP = 4  # the default RPS
+RPS_CHOICES = (1, 2, 4, 8, 16)  # weight rows a threadgroup may own (registers grow with them)
 SIMDGROUPS = (1, 2, 4, 8)  # the split of K a threadgroup may take
 # Simdgroups a launch aims for: about 31 per SM of an H100's 132, which keeps enough loads in flight
 # to cover memory latency. Fewer weight rows than this split K further (short N, e.g. 2048-5376).
@@ -208,11 +210,11 @@ TARGET_SIMDGROUPS = 4096
 
 
 @lru_cache(maxsize=None)
-def simdgroups(k: int, n: int, bits: int) -> int:
-    """How many simdgroups split K in each threadgroup: doubled while the launch has fewer than
-    TARGET_SIMDGROUPS and each still gets at least one full step of K."""
+def simdgroups(k: int, n: int, bits: int, rps: int = ROWS_PER_THREADGROUP) -> int:
+    """How many simdgroups split K in each threadgroup of `rps` rows: doubled while the launch has fewer
+    than TARGET_SIMDGROUPS and each still gets at least one full step of K."""
     steps = k // (32 * 4 * 32 // bits)
-    threadgroups = -(-n // ROWS_PER_THREADGROUP)
+    threadgroups = -(-n // rps)
     split = 1
     while 2 * split <= min(SIMDGROUPS[-1], steps) and threadgroups * split < TARGET_SIMDGROUPS:
         split *= 2
@@ -261,24 +263,49 @@ def _supports(x_shape, x_dtype, w_shape, w_dtype, scales_shape, biases_shape, gr
     )
 
 
+# The GEMV's launch shape, (RPS, NSG), by weight shape on each backend: rules (most rows of x, fewest K,
+# most K, fewest N, most N, RPS, NSG), the first that matches wins; none: RPS 4 and `simdgroups`'s NSG.
+# Fill from benchmarks/gemv_sweep.py's "best per shape" (it prints the rules); a rule for the gate/up
+# shape also shapes the fused gate/up GEMV, whose own best the sweep reports beside it.
+LAUNCH_SHAPES = {
+    "cuda": (),
+    "metal": (),
+    "reference": (),
+}
+
+
 @lru_cache(maxsize=None)
-def _launch(dtype, bits: int, group_size: int, rows: int, n: int, split: int) -> tuple:
+def launch_shape(on: str, k: int, n: int, rows: int, bits: int) -> tuple:
+    """(RPS, NSG) of the GEMV for x [rows, K] and a weight [N, ...] on backend `on`."""
+    for most_rows, fewest_k, most_k, fewest_n, most_n, rps, split in LAUNCH_SHAPES[on]:
+        if rows <= most_rows and fewest_k <= k <= most_k and fewest_n <= n <= most_n:
+            return rps, split
+    return ROWS_PER_THREADGROUP, simdgroups(k, n, bits)
+
+
+@lru_cache(maxsize=None)
+def _launch(dtype, bits: int, group_size: int, rows: int, n: int, rps: int, split: int) -> tuple:
     """(template, grid, threadgroup) of one GEMV configuration, built once: the call path is short."""
-    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("M", rows), ("RPS", ROWS_PER_THREADGROUP),
-                ("NSG", split)]
-    return template, (32 * split * -(-n // ROWS_PER_THREADGROUP), 1, 1), (32 * split, 1, 1)
+    if rps not in RPS_CHOICES or split not in SIMDGROUPS:
+        raise ValueError(f"GEMV launch shape RPS {rps}, NSG {split}: RPS takes {RPS_CHOICES}, NSG {SIMDGROUPS}")
+    template = [("T", dtype), ("BITS", bits), ("GS", group_size), ("M", rows), ("RPS", rps), ("NSG", split)]
+    return template, (32 * split * -(-n // rps), 1, 1), (32 * split, 1, 1)
 
 
 def gemv(launch: Launcher, x, w, scales, biases, group_size: int, bits: int, split: Optional[int] = None,
-         up: Optional[tuple] = None) -> mx.array:
-    """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator); `split`: the
-    simdgroups per threadgroup, `simdgroups(K, N, bits)` unless given (tests, benchmarks). x may have
-    any leading dimensions: the body takes K from the weight and treats x as rows. With `up` (the up
-    projection's w, scales, biases, same format and shape), the MLP's fused gelu_tanh(x @ w.T) * (x @ up.T)."""
+         up: Optional[tuple] = None, rps: Optional[int] = None) -> mx.array:
+    """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator). Its launch shape:
+    `rps` weight rows and `split` simdgroups per threadgroup; neither given, `launch_shape` on the
+    backend at hand; one given, RPS 4 or `simdgroups(K, N, bits, rps)` for the other (tests,
+    benchmarks). x may have any leading dimensions: the body takes K from the weight and treats x as
+    rows. With `up` (the up projection's w, scales, biases, same format and shape), the MLP's fused
+    gelu_tanh(x @ w.T) * (x @ up.T)."""
     k, n = x.shape[-1], w.shape[0]
-    if split is None:
-        split = simdgroups(k, n, bits)
-    template, grid, threadgroup = _launch(x.dtype, bits, group_size, x.size // k, n, split)
+    if split is None and rps is None:
+        rps, split = launch_shape(backend(), k, n, x.size // k, bits)
+    rps = rps or ROWS_PER_THREADGROUP
+    split = split or simdgroups(k, n, bits, rps)
+    template, grid, threadgroup = _launch(x.dtype, bits, group_size, x.size // k, n, rps, split)
     kernel, inputs = (gemv_kernel, [x, w, scales, biases]) if up is None else (geglu_kernel, [x, w, scales, biases, *up])
     (y,) = launch(kernel, inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
                   output_shapes=[(*x.shape[:-1], n)], output_dtypes=[x.dtype])
@@ -360,18 +387,20 @@ def plan(choice: str, on: str, x, w, scales, biases, group_size: int, bits: int)
     chosen = _path(choice, on, *_signature(x, w, scales, biases), group_size, bits)
     if chosen == "gemv":
         k, n = x.shape[-1], w.shape[0]
-        config = (on, x.dtype, bits, group_size, x.size // k, simdgroups(k, n, bits))
+        shape = launch_shape(on, k, n, x.size // k, bits)
+        config = (on, x.dtype, bits, group_size, x.size // k, *shape)
         if usable(("quantized_gemv", *config), lambda: _probe(*config)):
-            return _gemv_plan(gemv_kernel.build(on), x.shape, x.dtype, n, group_size, bits)
+            return _gemv_plan(gemv_kernel.build(on), x.shape, x.dtype, n, group_size, bits, *shape)
         chosen = "mlx"
     if chosen == "dequantize":
         return lambda x, w, scales, biases: dequantized_matmul(x, w, scales, biases, group_size, bits)
     return lambda x, w, scales, biases: mx.quantized_matmul(x, w, scales, biases, True, group_size, bits)
 
 
-def _gemv_plan(call, x_shape, dtype, n: int, group_size: int, bits: int) -> Plan:
-    k = x_shape[-1]
-    template, grid, threadgroup = _launch(dtype, bits, group_size, math.prod(x_shape[:-1]), n, simdgroups(k, n, bits))
+def _gemv_plan(call, x_shape, dtype, n: int, group_size: int, bits: int, rps: int = ROWS_PER_THREADGROUP,
+               split: Optional[int] = None) -> Plan:
+    split = split or simdgroups(x_shape[-1], n, bits, rps)
+    template, grid, threadgroup = _launch(dtype, bits, group_size, math.prod(x_shape[:-1]), n, rps, split)
     output_shapes, output_dtypes = [(*x_shape[:-1], n)], [dtype]
 
     def run(x, *weights):
@@ -387,10 +416,11 @@ def geglu_plan(choice: str, on: str, x, w, scales, biases, group_size: int, bits
     if _path(choice, on, *_signature(x, w, scales, biases), group_size, bits) != "gemv":
         return None
     k, n = x.shape[-1], w.shape[0]
-    config = (on, x.dtype, bits, group_size, x.size // k, simdgroups(k, n, bits))
+    shape = launch_shape(on, k, n, x.size // k, bits)
+    config = (on, x.dtype, bits, group_size, x.size // k, *shape)
     if not usable(("quantized_gemv_geglu", *config), lambda: _probe(*config, fused=True)):
         return None
-    return _gemv_plan(geglu_kernel.build(on), x.shape, x.dtype, n, group_size, bits)
+    return _gemv_plan(geglu_kernel.build(on), x.shape, x.dtype, n, group_size, bits, *shape)
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int) -> mx.array:
@@ -418,17 +448,20 @@ def quantized_case(rows: int, k: int, n: int, dtype, group_size: int, bits: int,
     return (x, *mx.quantize(weight, group_size, bits))
 
 
-def _probe(on: str, dtype, bits: int, group_size: int, rows: int, split: int, fused: bool = False) -> Optional[str]:
+def _probe(on: str, dtype, bits: int, group_size: int, rows: int, rps: int, split: int,
+           fused: bool = False) -> Optional[str]:
     """Run one small case of this configuration on the device; None when it matches the reference.
-    K spans several steps of the whole threadgroup and ends in a partial one."""
+    K spans several steps of the whole threadgroup and ends in a partial one; N ends in a partial
+    threadgroup."""
     k = 2 * split * (32 * 4 * 32 // bits) + 3 * 128
-    x, w, scales, biases = quantized_case(rows, k, 13, dtype, group_size, bits)
+    n = 3 * rps + 1
+    x, w, scales, biases = quantized_case(rows, k, n, dtype, group_size, bits)
     if fused:
-        up = quantized_case(rows, k, 13, dtype, group_size, bits, seed=1)[1:]
-        got = gemv(launcher(on), x, w, scales, biases, group_size, bits, split, up=up)
+        up = quantized_case(rows, k, n, dtype, group_size, bits, seed=1)[1:]
+        got = gemv(launcher(on), x, w, scales, biases, group_size, bits, split, up=up, rps=rps)
         want = geglu_reference(x, (w, scales, biases), up, group_size, bits)
     else:
-        got = gemv(launcher(on), x, w, scales, biases, group_size, bits, split)
+        got = gemv(launcher(on), x, w, scales, biases, group_size, bits, split, rps=rps)
         want = reference(x, w, scales, biases, group_size, bits)
     gap = error(got, want)
     return None if gap <= TOLERANCE[dtype] else f"relative error {gap:.3g} > {TOLERANCE[dtype]}"

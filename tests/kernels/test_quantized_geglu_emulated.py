@@ -64,7 +64,7 @@ def mutant(old: str, new: str):
 @pytest.mark.parametrize("old,new", [
     ("#define WEIGHTS(r) ((r) < RPS ? w : up_w)", "#define WEIGHTS(r) w"),  # up rows read from the gate
     ("* total[1])", "* total[0])"),  # the gate's sums taken for up's
-    ("j * (RPS * M) + tid", "tid"),  # both matrices' sums from the gate's slots
+    ("j * (RPS * M) + i", "i"),  # both matrices' sums from the gate's slots
 ])
 def test_mutants_give_wrong_numbers(old, new):
     assert gap(2, 384, 13, mx.float32, 64, 4, kernel=mutant(old, new)) > 0.01

@@ -40,7 +40,7 @@ def test_wrong_unpacking_gives_wrong_numbers():
 
 
 @pytest.mark.parametrize("old,new", [
-    ("total[j] += partial[g * (ROWS * M) + j * (RPS * M) + tid];", "total[j] += partial[tid];"),  # one simdgroup's K
+    ("total[j] += partial[g * (ROWS * M) + j * (RPS * M) + i];", "total[j] += partial[i];"),  # one simdgroup's K
     ("threadgroup_barrier(mem_flags::mem_threadgroup);", ""),  # partial sums read before they are written
 ])
 def test_split_k_mutants_give_wrong_numbers(old, new):
