@@ -7,8 +7,10 @@ of 128, softmax, per-expert scale) and the experts' GeGLU with the weighted comb
 dimensions (hidden 2816, expert width 704), bfloat16 activations, experts affine 4-bit (group 64) and
 the router's projection 8-bit, as the converter and mlx-lm write them. The same random weights in
 every run. Decode (1 token): ours (kernels/moe_router.py and moe_experts.py through the model's
-modules), ours without kernels (the references) and mlx-lm; the median over trials of a batch of
-independent calls evaluated together, divided by the calls. Prefill (32 to 2048 tokens): ours as
+modules), ours without kernels (the references) and mlx-lm, alternated trial by trial (each trial a
+batch of independent calls evaluated together, divided by the calls; the order rotates between trials),
+so that a drift of clocks or host load touches all three alike: the median µs of each, and the ratio as
+the median of the per-trial ratios with their range (`--tokens 1` runs only this). Prefill (32 to 2048 tokens): ours as
 dispatched, each of kernels/moe_prefill.py's paths behind our router, and mlx-lm; one call per trial,
 and the peak memory of each. Writes moe.json and moe.md after every row.
 """
@@ -33,7 +35,7 @@ from mlx_gemma4.presets import preset_config
 
 TOKENS = [1, 32, 128, 512, 2048]  # 32 and 128: where the prefill paths cross over (moe_prefill.DISPATCH)
 DECODE_CALLS = 16
-TRIALS = {"decode": 9, "prefill": 5}
+TRIALS = {"decode": 31, "prefill": 5}
 
 
 def build(bits: int, group_size: int, seed: int = 0):
@@ -99,6 +101,26 @@ def runners(ours_modules, their_modules, tokens: int) -> dict:
     return {"ours": ours, **{name: prefill_path(name) for name in moe_prefill.PATHS}, "mlx-lm": mlx_lm}
 
 
+def alternated(blocks: dict, inputs: list, trials: int) -> tuple:
+    """({name: seconds per call in each trial}, {name: peak bytes of its first call}); within a trial the
+    blocks run one after another, starting one later each trial."""
+    peaks = {}
+    for name, block in blocks.items():
+        mx.synchronize()
+        mx.reset_peak_memory()
+        mx.eval(block(inputs[0]))  # build, probe and warm up
+        peaks[name] = mx.get_peak_memory()
+    names = list(blocks)
+    times = {name: [] for name in names}
+    for trial in range(trials):
+        for name in names[trial % len(names):] + names[: trial % len(names)]:
+            mx.synchronize()
+            start = time.perf_counter()
+            mx.eval([blocks[name](x) for x in inputs])
+            times[name].append((time.perf_counter() - start) / len(inputs))
+    return times, peaks
+
+
 def timed(block, inputs: list, trials: int) -> tuple:
     """(median seconds per call, peak bytes of the first call)."""
     mx.synchronize()
@@ -143,22 +165,40 @@ def measure(ours_modules, their_modules, tokens: int) -> dict:
     inputs = [mx.random.normal((1, tokens, hidden), key=k).astype(mx.bfloat16) for k in keys]
     mx.eval(inputs)
     row = dict(tokens=tokens, **agreement(ours_modules, their_modules, inputs[0]))
-    if not decode:
-        row["ours path"] = moe_prefill.path(backend(), tokens)
+    if decode:
+        return {**row, **measure_decode(ours_modules, their_modules, inputs)}
+    row["ours path"] = moe_prefill.path(backend(), tokens)
     for name, block in runners(ours_modules, their_modules, tokens).items():
         start = time.perf_counter()
-        seconds, peak = timed(block, inputs, TRIALS["decode" if decode else "prefill"])
+        seconds, peak = timed(block, inputs, TRIALS["prefill"])
         row[f"{name} us"] = round(seconds * 1e6, 1)
         row[f"{name} peak MB"] = round(peak / 1e6)
         print(f"  {tokens} tokens, {name}: {row[f'{name} us']} us ({time.perf_counter() - start:.1f} s)", flush=True)
     row["ours / mlx-lm speedup"] = round(row["mlx-lm us"] / row["ours us"], 2)
     row["ours tok/s"] = round(tokens / row["ours us"] * 1e6, 1)
     row["mlx-lm tok/s"] = round(tokens / row["mlx-lm us"] * 1e6, 1)
-    if decode:
-        row["norms tail us"] = round(timed(norms_tail(hidden), inputs, TRIALS["decode"])[0] * 1e6, 1)
-        nbytes = active_bytes(ours_modules[1], ours_modules[0], tokens)
-        row["ours GB/s"] = round(nbytes / row["ours us"] / 1e3, 1)
-        row["mlx-lm GB/s"] = round(nbytes / row["mlx-lm us"] / 1e3, 1)
+    return row
+
+
+def measure_decode(ours_modules, their_modules, inputs: list) -> dict:
+    """The decode row: the three blocks alternated trial by trial (module doc)."""
+    start = time.perf_counter()
+    times, peaks = alternated(runners(ours_modules, their_modules, 1), inputs, TRIALS["decode"])
+    row = {}
+    for name in times:
+        row[f"{name} us"] = round(statistics.median(times[name]) * 1e6, 1)
+        row[f"{name} peak MB"] = round(peaks[name] / 1e6)
+        print(f"  1 token, {name}: {row[f'{name} us']} us", flush=True)
+    ratios = [theirs / ours for theirs, ours in zip(times["mlx-lm"], times["ours"])]
+    row["ours / mlx-lm speedup"] = round(statistics.median(ratios), 2)
+    row["speedup range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+    row["ours tok/s"] = round(1 / row["ours us"] * 1e6, 1)
+    row["mlx-lm tok/s"] = round(1 / row["mlx-lm us"] * 1e6, 1)
+    row["norms tail us"] = round(timed(norms_tail(inputs[0].shape[-1]), inputs, TRIALS["decode"])[0] * 1e6, 1)
+    nbytes = active_bytes(ours_modules[1], ours_modules[0], 1)
+    row["ours GB/s"] = round(nbytes / row["ours us"] / 1e3, 1)
+    row["mlx-lm GB/s"] = round(nbytes / row["mlx-lm us"] / 1e3, 1)
+    print(f"  decode: {time.perf_counter() - start:.1f} s", flush=True)
     return row
 
 
@@ -186,18 +226,21 @@ def markdown(result: dict) -> str:
         f"{result['group_size']}, bfloat16; µs per block call (routing included). "
         f"`{result['command']}`",
         "",
-        f"Decode: median of {TRIALS['decode']} batches of {DECODE_CALLS} independent calls. GB/s: the router's "
-        "and 8 experts' weight bytes over the time. Norms tail: the layer's three RMSNorms and two adds after "
-        "the experts (model/text.py), what a combine fused with them could save.",
+        f"Decode: {TRIALS['decode']} trials of {DECODE_CALLS} independent calls, ours, ours without kernels and "
+        "mlx-lm alternated trial by trial; medians of each, and ours / mlx-lm as the median of the per-trial "
+        "ratios [min, max]. GB/s: the router's and 8 experts' weight bytes over the time. Norms tail: the "
+        "layer's three RMSNorms and two adds after the experts (model/text.py), what a combine fused with "
+        "them could save.",
         "",
-        "| tokens | ours µs | ours without kernels µs | mlx-lm µs | ours / mlx-lm | ours GB/s | mlx-lm GB/s "
-        "| norms tail µs | routing agreement | experts max rel diff |",
+        "| tokens | ours µs | ours without kernels µs | mlx-lm µs | ours / mlx-lm [min, max] | ours GB/s "
+        "| mlx-lm GB/s | norms tail µs | routing agreement | experts max rel diff |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in decode:
         lines.append(
             f"| {r['tokens']} | {r['ours us']} | {r['ours without kernels us']} | {r['mlx-lm us']} | "
-            f"{r['ours / mlx-lm speedup']}× | {r['ours GB/s']} | {r['mlx-lm GB/s']} | {r['norms tail us']} | "
+            f"{r['ours / mlx-lm speedup']}× [{r['speedup range'][0]}, {r['speedup range'][1]}] | {r['ours GB/s']} | "
+            f"{r['mlx-lm GB/s']} | {r['norms tail us']} | "
             f"{r['routing_agreement']} | {r['experts_max_rel_diff']} |"
         )
     paths = list(moe_prefill.PATHS)
