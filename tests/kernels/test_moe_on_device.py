@@ -2,6 +2,10 @@
 through the public dispatch, against the references; a fallback to the reference fails the test.
 
     MLX_GEMMA4_KERNELS=cuda python -m pytest tests/kernels/test_moe_on_device.py -m gpu
+
+Routing and decode run four formats (float32, 4-bit group 64 and 32, 8-bit group 64: every chunk layout
+and dtype path of the kernels) rather than all of moe_cases.FORMATS: each is a kernel configuration that a
+fresh CUDA process compiles once (~3-10 s), and `-k "router or decode_experts"` should stay near 100 s.
 """
 
 from functools import lru_cache
@@ -9,7 +13,7 @@ from functools import lru_cache
 import mlx.core as mx
 import pytest
 
-from moe_cases import FORMATS, experts_case, router_case
+from moe_cases import experts_case, router_case
 from mlx_gemma4.kernels import backend, moe_experts, moe_prefill, moe_router
 
 pytestmark = [
@@ -19,9 +23,10 @@ pytestmark = [
     pytest.mark.skipif(backend() == "reference", reason="no GPU backend (set MLX_GEMMA4_KERNELS=cuda or metal)"),
 ]
 HIDDEN, INNER, EXPERTS, TOP_K = 2816, 704, 128, 8
+DEVICE_FORMATS = ["f32", "q4-g64-bf16", "q8-g64-bf16", "q4-g32-fp16"]
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", DEVICE_FORMATS)
 @pytest.mark.parametrize("tokens", [1, 8, 512])
 def test_router(fmt, tokens):
     case = router_case(fmt, tokens, HIDDEN, EXPERTS, TOP_K)
@@ -30,8 +35,8 @@ def test_router(fmt, tokens):
     assert moe_router.mismatch(got, case.x, case.proj, case.scale, case.per_expert_scale, case.top_k, case.eps) is None
 
 
-@pytest.mark.parametrize("fmt", [f for f in FORMATS if FORMATS[f][2] != 128])  # 704 is not a multiple of 128
-@pytest.mark.parametrize("tokens", [1, 2, 8])
+@pytest.mark.parametrize("fmt", DEVICE_FORMATS)
+@pytest.mark.parametrize("tokens", [1, 8])
 def test_decode_experts(fmt, tokens):
     case = experts_case(fmt, tokens, HIDDEN, INNER, experts=32)
     assert moe_experts.supports(case.x, case.indices, case.weights, case.gate_up, case.down)
