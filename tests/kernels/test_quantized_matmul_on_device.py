@@ -75,6 +75,15 @@ def test_every_split_of_k(split, rows):
     assert qmm.error(got, qmm.reference(*inputs)) <= qmm.TOLERANCE[mx.bfloat16]
 
 
+@pytest.mark.parametrize("rps", qmm.RPS_CHOICES)
+def test_every_launch_shape(rps):
+    """Each RPS (weight rows per threadgroup) at 8 rows of x and 2 simdgroups: RPS >= 8 has more final
+    sums than threads; N ends in a partial threadgroup."""
+    inputs = (*qmm.quantized_case(qmm.MAX_ROWS, 5376, 2 * rps + rps // 2 + 1, mx.bfloat16, 64, 4, seed=rps), 64, 4)
+    got = qmm.gemv(launcher(backend()), *inputs, 2, rps=rps)
+    assert qmm.error(got, qmm.reference(*inputs)) <= qmm.TOLERANCE[mx.bfloat16]
+
+
 def test_prefill_path(monkeypatch):
     """Dequantize-then-matmul on 2048 rows: the weight rounds to bf16, so a looser bound."""
     monkeypatch.setenv(qmm.PATH_ENV, "dequantize")
