@@ -253,17 +253,26 @@ PARTIAL_KEYS = r"""
             x[c] = static_cast<float>(q[at + (d + c) * q_strides[3]]) * q_sign[d + c] * q_factor;
         }
         const float a0 = x[0] + x[1], a1 = x[0] - x[1], a2 = x[2] + x[3], a3 = x[2] - x[3];
-        rotated4[i] = f32x4{a0 + a2, a1 + a3, a0 - a2, a1 - a3};
+        rotated4[i].x = a0 + a2;
+        rotated4[i].y = a1 + a3;
+        rotated4[i].z = a0 - a2;
+        rotated4[i].w = a1 - a3;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int h = 1; h < D / 4; h <<= 1) {
         for (uint p = t_id; p < G * D / 8; p += threads) {
             const int within = p % (D / 8);
             const int i = (p / (D / 8)) * (D / 4) + (within / h) * 2 * h + within % h;
-            const f32x4 a = rotated4[i];
-            const f32x4 c = rotated4[i + h];
-            rotated4[i] = f32x4{a.x + c.x, a.y + c.y, a.z + c.z, a.w + c.w};
-            rotated4[i + h] = f32x4{a.x - c.x, a.y - c.y, a.z - c.z, a.w - c.w};
+            const f32x4 a = {rotated4[i].x, rotated4[i].y, rotated4[i].z, rotated4[i].w};
+            const f32x4 c = {rotated4[i + h].x, rotated4[i + h].y, rotated4[i + h].z, rotated4[i + h].w};
+            rotated4[i].x = a.x + c.x;
+            rotated4[i].y = a.y + c.y;
+            rotated4[i].z = a.z + c.z;
+            rotated4[i].w = a.w + c.w;
+            rotated4[i + h].x = a.x - c.x;
+            rotated4[i + h].y = a.y - c.y;
+            rotated4[i + h].z = a.z - c.z;
+            rotated4[i + h].w = a.w - c.w;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
@@ -313,8 +322,8 @@ PARTIAL_KEYS = r"""
                 const float x2 = lut[TQ_CODE(staged, row, KB, j + 2)];
                 const float x3 = lut[TQ_CODE(staged, row, KB, j + 3)];
                 for (int h = 0; h < G; h++) {
-                    const f32x4 qv = rotated4[(h * D + j) / 4];
-                    s[h] += qv.x * x0 + qv.y * x1 + qv.z * x2 + qv.w * x3;
+                    const int at = (h * D + j) / 4;  // one 16-byte broadcast (f32x4 is 16-byte aligned on CUDA)
+                    s[h] += rotated4[at].x * x0 + rotated4[at].y * x1 + rotated4[at].z * x2 + rotated4[at].w * x3;
                 }
             }
             for (int h = 0; h < G; h++) {
