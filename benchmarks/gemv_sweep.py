@@ -74,6 +74,14 @@ def seconds_per_call(fn, x, weights: list) -> float:
     return statistics.median(times)
 
 
+def shaped(rps: int, nsg: int, group: int, bits: int, fused: bool = False):
+    """run(x, *weights) -> the GEMV (fused: gate's then up's weights) at this launch shape."""
+    launch = launcher(backend())
+    if fused:
+        return lambda x, *w: gemv(launch, x, *w[:3], group, bits, nsg, up=w[3:], rps=rps)
+    return lambda x, *w: gemv(launch, x, *w, group, bits, nsg, rps=rps)
+
+
 def sweep_single(name: str, k: int, n: int, rows: int, shapes: list, bits: int, group: int, dtype, copy: float) -> list:
     weights = copies(k, n, bits, group, dtype)
     nbytes = sum(a.nbytes for a in weights[0])
@@ -82,7 +90,7 @@ def sweep_single(name: str, k: int, n: int, rows: int, shapes: list, bits: int, 
     mlx_us = seconds_per_call(lambda x, *w: mlx_matmul(x, *w, group, bits), x, weights) * 1e6
     results = []
     for rps, nsg in shapes:
-        run = lambda x, *w: gemv(launcher(backend()), x, *w, group, bits, nsg, rps=rps)  # noqa: E731
+        run = shaped(rps, nsg, group, bits)
         gap = error(run(x, *weights[0]), want)
         us = seconds_per_call(run, x, weights) * 1e6
         gbs = nbytes / us / 1e3
@@ -102,7 +110,7 @@ def sweep_fused(name: str, k: int, n: int, rows: int, shapes: list, bits: int, g
     want = geglu_reference(x, pairs[0][:3], pairs[0][3:], group, bits)
     results = []
     for rps, nsg in shapes:
-        run = lambda x, *w: gemv(launcher(backend()), x, *w[:3], group, bits, nsg, up=w[3:], rps=rps)  # noqa: E731
+        run = shaped(rps, nsg, group, bits, fused=True)
         gap = error(run(x, *pairs[0]), want)
         us = seconds_per_call(run, x, pairs) * 1e6
         gbs = nbytes / us / 1e3
