@@ -290,3 +290,33 @@ def test_planted_attention_bugs_are_caught(bug):
 
 def _seeded_swap(replacement, kernel, seed, **call):
     return metal_emu.run(replacement if kernel.name + "_mutant" == replacement.name else kernel, seed=seed, **call)
+
+
+KEYS_BODY_BUGS = {
+    "values read before the softmax's barrier": ("        threadgroup_barrier(mem_flags::mem_threadgroup);\n        // 4. values",
+                                                 "        // 4. values"),
+    "scores read before the partials' barrier": ("        threadgroup_barrier(mem_flags::mem_threadgroup);\n        {  // 3. softmax",
+                                                 "        {  // 3. softmax"),
+    "one simdgroup's partial score": ("for (int p = 0; p < NS; p++) {", "for (int p = 0; p < 1; p++) {"),
+    "output not rescaled": ("                o[h][c] *= factor;\n", ""),
+    "value norm left out": ("weight[lane * G + h] = w * v_norm_t;", "weight[lane * G + h] = w;"),
+    "stride-2 butterfly sign": ("rotated4[i].w = a1 - a3;", "rotated4[i].w = a1 + a3;"),
+    # a race only: a simdgroup done scoring stages the next tile while another still scores this one
+    "next tile staged before the partials' barrier": (
+        "                partial[(sg * G + h) * 32 + lane] = s[h];\n            }\n",
+        "                partial[(sg * G + h) * 32 + lane] = s[h];\n            }\n"
+        "            if (first + 32 < end) {\n                TQ_STAGE(first + 32)\n            }\n"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", KEYS_BODY_BUGS)
+def test_planted_keys_body_bugs_are_caught(bug):
+    old, new = KEYS_BODY_BUGS[bug]
+    broken = mutant(tq_attention.keys_partial_kernel, old, new)
+    case = attention_case(512, 4, 4, 3, 100, (0, 3))
+    try:
+        error = attention_error(case, functools.partial(_seeded_swap, broken, seed=3), body="keys")
+    except metal_emu.EmulatorError:
+        return
+    assert not error <= tq_attention.TOLERANCE  # NaN counts as caught
