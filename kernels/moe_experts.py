@@ -23,6 +23,7 @@ More tokens (prefill) go to moe_prefill.py, which sorts the (token, expert) pair
 each expert's weights are read once per run of tokens (and, past a size, dequantized for dense GEMMs).
 """
 
+import math
 from typing import Optional
 
 import mlx.core as mx
@@ -168,41 +169,73 @@ def supports(x, indices, weights, gate_up: Packed, down: Packed) -> bool:
 
 def experts(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
     """[..., H] on this device's decode kernels when they apply, else the reference (see module doc)."""
-    on = backend()
-    if on != "reference" and supports(x, indices, weights, gate_up, down):
-        config = (on, x.dtype, x.shape[-1], down.n, indices.shape[-1], gate_up.bits, down.bits,
-                  gate_up.group_size, down.group_size, gate_up.weight.dtype, down.weight.dtype)
-        if usable(("moe_experts", *config), lambda: _probe(on, x, indices, gate_up, down)):
-            return run(launcher(on), x, indices, weights, gate_up, down)
+    run = plan(x, indices, weights, gate_up, down)
+    if run is not None:
+        return run(x, indices, weights, gate_up, down)
     if indices.size >= SORT_THRESHOLD:
-        return prefill(on, x, indices, weights, gate_up, down)
+        return prefill(backend(), x, indices, weights, gate_up, down)
     return reference(x, indices, weights, gate_up, down)
+
+
+# Plans per signature, as decode_attention's: a decode step calls this once per MoE layer, and on a GPU
+# the step is bound by host time, so the checks, probe lookup and launch parameters are worked out once.
+_plans: dict = {}
+
+
+def plan(x, indices, weights, gate_up: Packed, down: Packed):
+    """The decode kernels' call for inputs like these on this backend, run(x, indices, weights, gate_up,
+    down), or None where the reference or a prefill path serves; probes a new configuration."""
+    on = backend()
+    if on == "reference" or x.size > DECODE_TOKENS * x.shape[-1]:  # prefill shapes are not cached: they vary
+        return None
+    signature = (on, launcher, x.shape, x.dtype, indices.shape, indices.dtype, weights.dtype, gate_up.signature,
+                 down.signature)
+    run = _plans.get(signature, False)
+    if run is False:
+        run = None
+        if supports(x, indices, weights, gate_up, down):
+            config = (on, x.dtype, x.shape[-1], down.n, indices.shape[-1], gate_up.bits, down.bits,
+                      gate_up.group_size, down.group_size, gate_up.weight.dtype, down.weight.dtype)
+            if not usable(("moe_experts", *config), lambda: _probe(on, x, indices, gate_up, down)):
+                return None  # `usable` keeps this verdict, not the plans
+            run = _launches(launcher(on), x.shape, x.dtype, indices.shape[-1], gate_up, down)
+        _plans[signature] = run
+    return run
 
 
 def run(launch: Launcher, x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
     """The decode kernels through `launch` (a GPU backend, or the tests' CPU emulator)."""
-    lead, hidden = x.shape[:-1], x.shape[-1]
-    tokens, k, inner = x.size // hidden, indices.shape[-1], down.n
-    (act,) = launch(
-        GATE_UP_KERNELS[gate_up.quantized],
-        inputs=[x.reshape(tokens, hidden), indices.reshape(-1), *gate_up.arrays],
+    return _launches(launch, x.shape, x.dtype, indices.shape[-1], gate_up, down)(x, indices, weights, gate_up, down)
+
+
+def _launches(launch: Launcher, shape: tuple, dtype, k: int, gate_up: Packed, down: Packed):
+    """Both passes for inputs of this shape, their parameters worked out once. The bodies index x,
+    indices, weights and the output flat, so none of them is reshaped."""
+    hidden, inner = shape[-1], down.n
+    tokens = math.prod(shape) // hidden
+    gate_up_kernel, down_kernel = GATE_UP_KERNELS[gate_up.quantized], DOWN_KERNELS[down.quantized]
+    gate_up_call = dict(
         template=[("N", hidden), ("I", inner), ("K", k), *gate_up.template(), ("SG", SIMDGROUPS), ("J", GATE_UP_JS)],
         grid=(32 * SIMDGROUPS, -(-inner // (SIMDGROUPS * GATE_UP_JS)), tokens * k),
         threadgroup=(32 * SIMDGROUPS, 1, 1),
         output_shapes=[(tokens * k, inner)],
         output_dtypes=[mx.float32],
     )
-    (out,) = launch(
-        DOWN_KERNELS[down.quantized],
-        inputs=[act, indices.reshape(-1), weights.reshape(-1), *down.arrays],
+    down_call = dict(
         template=[("N", inner), ("H", hidden), ("K", k), *down.template(), ("SG", SIMDGROUPS), ("R", DOWN_ROWS),
-                  ("OT", x.dtype)],
+                  ("OT", dtype)],
         grid=(32 * SIMDGROUPS, -(-hidden // DOWN_ROWS), tokens),
         threadgroup=(32 * SIMDGROUPS, 1, 1),
-        output_shapes=[(tokens, hidden)],
-        output_dtypes=[x.dtype],
+        output_shapes=[shape],
+        output_dtypes=[dtype],
     )
-    return out.reshape(*lead, hidden)
+
+    def run(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:
+        (act,) = launch(gate_up_kernel, inputs=[x, indices, *gate_up.arrays], **gate_up_call)
+        (out,) = launch(down_kernel, inputs=[act, indices, weights, *down.arrays], **down_call)
+        return out
+
+    return run
 
 
 def float32_reference(x, indices, weights, gate_up: Packed, down: Packed) -> mx.array:

@@ -152,29 +152,63 @@ def supports(x, proj: Packed, scale, per_expert_scale, top_k: int) -> bool:
 
 def route(x, proj: Packed, scale, per_expert_scale, top_k: int, eps: float) -> tuple:
     """(indices, weights) on this device's kernel, or the reference (see module doc)."""
+    run = plan(x, proj, scale, per_expert_scale, top_k, eps)
+    if run is None:
+        return reference(x, proj, scale, per_expert_scale, top_k, eps)
+    return run(x, proj, scale, per_expert_scale)
+
+
+# Plans per signature, as decode_attention's: every MoE layer routes once a step, and on a GPU the step is
+# bound by host time. The token count is not part of it (prefill chunks vary); the launch reads it.
+_plans: dict = {}
+
+
+def plan(x, proj: Packed, scale, per_expert_scale, top_k: int, eps: float):
+    """The kernel call for inputs like these, run(x, proj, scale, per_expert_scale), or None where the
+    reference serves; probes a new configuration."""
     on = backend()
-    if on != "reference" and supports(x, proj, scale, per_expert_scale, top_k):
-        config = (on, x.dtype, x.shape[-1], proj.weight.shape[0], top_k, proj.bits, proj.group_size, eps)
-        if usable(("moe_router", *config), lambda: _probe(*config)):
-            return run(launcher(on), x, proj, scale, per_expert_scale, top_k, eps)
-    return reference(x, proj, scale, per_expert_scale, top_k, eps)
+    if on == "reference":
+        return None
+    signature = (on, launcher, x.shape[-1], x.dtype, proj.signature, scale.dtype, per_expert_scale.dtype, top_k, eps)
+    run = _plans.get(signature, False)
+    if run is False:
+        run = None
+        if supports(x, proj, scale, per_expert_scale, top_k):
+            config = (on, x.dtype, x.shape[-1], proj.weight.shape[0], top_k, proj.bits, proj.group_size, eps)
+            if not usable(("moe_router", *config), lambda: _probe(*config)):
+                return None  # `usable` keeps this verdict, not the plans
+            run = _launches(launcher(on), x.shape[-1], proj, top_k, eps)
+        _plans[signature] = run
+    return run
 
 
 def run(launch: Launcher, x, proj: Packed, scale, per_expert_scale, top_k: int, eps: float) -> tuple:
     """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator)."""
-    lead, hidden = x.shape[:-1], x.shape[-1]
-    tokens = x.size // hidden
-    indices, weights = launch(
-        KERNELS[proj.quantized],
-        inputs=[x.reshape(tokens, hidden), scale, *proj.arrays, per_expert_scale, _constant(float(eps))],
-        template=[("N", hidden), ("E", proj.weight.shape[0]), ("K", top_k), *proj.template(),
-                  ("SG", SIMDGROUPS)],
-        grid=(32 * SIMDGROUPS * tokens, 1, 1),
-        threadgroup=(32 * SIMDGROUPS, 1, 1),
-        output_shapes=[(tokens, top_k), (tokens, top_k)],
-        output_dtypes=[mx.uint32, mx.float32],
-    )
-    return indices.reshape(*lead, top_k), weights.reshape(*lead, top_k)
+    return _launches(launch, x.shape[-1], proj, top_k, eps)(x, proj, scale, per_expert_scale)
+
+
+def _launches(launch: Launcher, hidden: int, proj: Packed, top_k: int, eps: float):
+    """The kernel call with its parameters worked out once, but for the token count. The body indexes x
+    and the outputs flat, so nothing is reshaped."""
+    kernel, eps_input = KERNELS[proj.quantized], _constant(float(eps))
+    template = [("N", hidden), ("E", proj.weight.shape[0]), ("K", top_k), *proj.template(), ("SG", SIMDGROUPS)]
+    threadgroup = (32 * SIMDGROUPS, 1, 1)
+    output_dtypes = [mx.uint32, mx.float32]
+
+    def run(x, proj: Packed, scale, per_expert_scale) -> tuple:
+        shape = (*x.shape[:-1], top_k)
+        indices, weights = launch(
+            kernel,
+            inputs=[x, scale, *proj.arrays, per_expert_scale, eps_input],
+            template=template,
+            grid=(32 * SIMDGROUPS * (x.size // hidden), 1, 1),
+            threadgroup=threadgroup,
+            output_shapes=[shape, shape],
+            output_dtypes=output_dtypes,
+        )
+        return indices, weights
+
+    return run
 
 
 @lru_cache(maxsize=None)

@@ -45,6 +45,12 @@ class Packed:
         return 128 // self.bits if self.quantized else 4
 
     @property
+    def signature(self) -> tuple:
+        """What a kernel plan depends on: the format and shape, not the values."""
+        return (self.weight.shape, self.weight.dtype, self.bits, self.group_size, self.mode,
+                None if self.scales is None else self.scales.dtype, self.biases is None)
+
+    @property
     def arrays(self) -> list:
         return [self.weight, self.scales, self.biases] if self.quantized else [self.weight]
 

@@ -16,9 +16,11 @@ from ..kernels.moe_weights import Packed
 
 def packed(layer: nn.Module) -> Packed:
     """A linear or switch-linear layer's weight as the MoE kernels read it."""
+    # Members by item: nn.Module's attribute lookup of a member costs ~1 µs (a caught AttributeError),
+    # and a decode step on a GPU is bound by host time.
     if "scales" not in layer:
-        return Packed(layer.weight)
-    return Packed(layer.weight, layer.scales, layer.get("biases"), layer.bits, layer.group_size, layer.mode)
+        return Packed(layer["weight"])
+    return Packed(layer["weight"], layer["scales"], layer.get("biases"), layer.bits, layer.group_size, layer.mode)
 
 
 class Router(nn.Module):
@@ -33,7 +35,7 @@ class Router(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        return route(x, packed(self.proj), self.scale, self.per_expert_scale, self.top_k, self.eps)
+        return route(x, packed(self["proj"]), self["scale"], self["per_expert_scale"], self.top_k, self.eps)
 
 
 class SwitchLinear(nn.Module):
@@ -76,4 +78,4 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x [..., H], indices/weights [..., K] -> weighted sum of the K experts' outputs [..., H]."""
-        return experts(x, indices, weights, packed(self.gate_up_proj), packed(self.down_proj))
+        return experts(x, indices, weights, packed(self["gate_up_proj"]), packed(self["down_proj"]))
