@@ -102,8 +102,9 @@ def runners(ours_modules, their_modules, tokens: int) -> dict:
 
 
 def alternated(blocks: dict, inputs: list, trials: int) -> tuple:
-    """({name: seconds per call in each trial}, {name: peak bytes of its first call}); within a trial the
-    blocks run one after another, starting one later each trial."""
+    """({name: {"call", "build", "eval": seconds per call in each trial}}, {name: peak bytes of its first
+    call}); within a trial the blocks run one after another, starting one later each trial. "build" is
+    the host making the graphs, "eval" the evaluation of the built graphs, "call" both in turn."""
     peaks = {}
     for name, block in blocks.items():
         mx.synchronize()
@@ -111,13 +112,17 @@ def alternated(blocks: dict, inputs: list, trials: int) -> tuple:
         mx.eval(block(inputs[0]))  # build, probe and warm up
         peaks[name] = mx.get_peak_memory()
     names = list(blocks)
-    times = {name: [] for name in names}
+    times = {name: {"call": [], "build": [], "eval": []} for name in names}
     for trial in range(trials):
         for name in names[trial % len(names):] + names[: trial % len(names)]:
             mx.synchronize()
             start = time.perf_counter()
-            mx.eval([blocks[name](x) for x in inputs])
-            times[name].append((time.perf_counter() - start) / len(inputs))
+            outputs = [blocks[name](x) for x in inputs]
+            built = time.perf_counter()
+            mx.eval(outputs)
+            done = time.perf_counter()
+            for part, seconds in (("call", done - start), ("build", built - start), ("eval", done - built)):
+                times[name][part].append(seconds / len(inputs))
     return times, peaks
 
 
@@ -186,18 +191,22 @@ def measure_decode(ours_modules, their_modules, inputs: list) -> dict:
     times, peaks = alternated(runners(ours_modules, their_modules, 1), inputs, TRIALS["decode"])
     row = {}
     for name in times:
-        row[f"{name} us"] = round(statistics.median(times[name]) * 1e6, 1)
+        row[f"{name} us"] = round(statistics.median(times[name]["call"]) * 1e6, 1)
+        row[f"{name} build us"] = round(statistics.median(times[name]["build"]) * 1e6, 1)
+        row[f"{name} eval us"] = round(statistics.median(times[name]["eval"]) * 1e6, 1)
         row[f"{name} peak MB"] = round(peaks[name] / 1e6)
-        print(f"  1 token, {name}: {row[f'{name} us']} us", flush=True)
-    ratios = [theirs / ours for theirs, ours in zip(times["mlx-lm"], times["ours"])]
-    row["ours / mlx-lm speedup"] = round(statistics.median(ratios), 2)
-    row["speedup range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+        print(f"  1 token, {name}: {row[f'{name} us']} us (build {row[f'{name} build us']}, "
+              f"eval {row[f'{name} eval us']})", flush=True)
+    for part, key in (("call", "speedup"), ("build", "build speedup"), ("eval", "eval speedup")):
+        ratios = [theirs / ours for theirs, ours in zip(times["mlx-lm"][part], times["ours"][part])]
+        row[f"ours / mlx-lm {key}"] = round(statistics.median(ratios), 2)
+        row[f"{key} range"] = [round(min(ratios), 2), round(max(ratios), 2)]
     row["ours tok/s"] = round(1 / row["ours us"] * 1e6, 1)
     row["mlx-lm tok/s"] = round(1 / row["mlx-lm us"] * 1e6, 1)
     row["norms tail us"] = round(timed(norms_tail(inputs[0].shape[-1]), inputs, TRIALS["decode"])[0] * 1e6, 1)
     nbytes = active_bytes(ours_modules[1], ours_modules[0], 1)
-    row["ours GB/s"] = round(nbytes / row["ours us"] / 1e3, 1)
-    row["mlx-lm GB/s"] = round(nbytes / row["mlx-lm us"] / 1e3, 1)
+    row["ours GB/s"] = round(nbytes / row["ours eval us"] / 1e3, 1)
+    row["mlx-lm GB/s"] = round(nbytes / row["mlx-lm eval us"] / 1e3, 1)
     print(f"  decode: {time.perf_counter() - start:.1f} s", flush=True)
     return row
 
@@ -228,21 +237,31 @@ def markdown(result: dict) -> str:
         "",
         f"Decode: {TRIALS['decode']} trials of {DECODE_CALLS} independent calls, ours, ours without kernels and "
         "mlx-lm alternated trial by trial; medians of each, and ours / mlx-lm as the median of the per-trial "
-        "ratios [min, max]. GB/s: the router's and 8 experts' weight bytes over the time. Norms tail: the "
-        "layer's three RMSNorms and two adds after the experts (model/text.py), what a combine fused with "
-        "them could save.",
+        "ratios [min, max]. A call is the host building the block's graph (Python, op and kernel calls) then "
+        "its evaluation; both parts are also timed alone (build: the graphs of a trial's calls made; eval: "
+        "those graphs evaluated). In generation the next step's build overlaps this step's evaluation. "
+        "GB/s: the router's and 8 experts' weight bytes over the evaluation. Norms tail: the layer's three "
+        "RMSNorms and two adds after the experts (model/text.py), what a combine fused with them could save.",
         "",
-        "| tokens | ours µs | ours without kernels µs | mlx-lm µs | ours / mlx-lm [min, max] | ours GB/s "
-        "| mlx-lm GB/s | norms tail µs | routing agreement | experts max rel diff |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens | part | ours µs | ours without kernels µs | mlx-lm µs | ours / mlx-lm [min, max] |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for r in decode:
-        lines.append(
-            f"| {r['tokens']} | {r['ours us']} | {r['ours without kernels us']} | {r['mlx-lm us']} | "
-            f"{r['ours / mlx-lm speedup']}× [{r['speedup range'][0]}, {r['speedup range'][1]}] | {r['ours GB/s']} | "
-            f"{r['mlx-lm GB/s']} | {r['norms tail us']} | "
-            f"{r['routing_agreement']} | {r['experts_max_rel_diff']} |"
-        )
+        for part, suffix, key in (("call", "", "speedup"), ("build", " build", "build speedup"),
+                                  ("eval", " eval", "eval speedup")):
+            lines.append(
+                f"| {r['tokens']} | {part} | {r[f'ours{suffix} us']} | {r[f'ours without kernels{suffix} us']} | "
+                f"{r[f'mlx-lm{suffix} us']} | {r[f'ours / mlx-lm {key}']}× [{r[f'{key} range'][0]}, "
+                f"{r[f'{key} range'][1]}] |"
+            )
+    lines += [
+        "",
+        "| tokens | ours GB/s (eval) | mlx-lm GB/s (eval) | norms tail µs | routing agreement | experts max rel diff |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in decode:
+        lines.append(f"| {r['tokens']} | {r['ours GB/s']} | {r['mlx-lm GB/s']} | {r['norms tail us']} | "
+                     f"{r['routing_agreement']} | {r['experts_max_rel_diff']} |")
     paths = list(moe_prefill.PATHS)
     lines += [
         "",
