@@ -268,7 +268,16 @@ def _supports(x_shape, x_dtype, w_shape, w_dtype, scales_shape, biases_shape, gr
 # Fill from benchmarks/gemv_sweep.py's "best per shape" (it prints the rules); a rule for the gate/up
 # shape also shapes the fused gate/up GEMV, whose own best the sweep reports beside it.
 LAUNCH_SHAPES = {
-    "cuda": (),
+    # H100, 31B's decode shapes at 1 row, 4-bit g64 (benchmarks/results/gemv_sweep.md): 1.05-1.24x the
+    # default where listed. The gate/up shape keeps the default: its fused GEMV (the model's) is best there.
+    "cuda": (
+        (1, 5376, 5376, 2048, 2048, 8, 1),
+        (1, 5376, 5376, 4096, 4096, 8, 2),
+        (1, 5376, 5376, 8192, 8192, 8, 2),
+        (1, 5376, 5376, 16384, 16384, 8, 1),
+        (1, 8192, 8192, 5376, 5376, 8, 2),
+        (1, 21504, 21504, 5376, 5376, 8, 2),
+    ),
     "metal": (),
     "reference": (),
 }

@@ -110,6 +110,14 @@ def test_launch_shape_table(monkeypatch):
         qmm.launch_shape.cache_clear()
 
 
+def test_launch_shape_rules_are_launchable():
+    """Every committed rule names a launch shape the body takes, with bounds in order."""
+    for on, rules in qmm.LAUNCH_SHAPES.items():
+        for most_rows, fewest_k, most_k, fewest_n, most_n, rps, split in rules:
+            assert rps in qmm.RPS_CHOICES and split in qmm.SIMDGROUPS, (on, rps, split)
+            assert 1 <= most_rows <= qmm.MAX_ROWS and fewest_k <= most_k and fewest_n <= most_n, on
+
+
 def test_leading_dimensions_are_rows():
     """[B, L, K] activations, as the model hands them: rows are B * L, the output [B, L, N]."""
     x, w, scales, biases = quantized_case(6, 256, 16, mx.bfloat16, 64, 4)
