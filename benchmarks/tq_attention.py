@@ -1,15 +1,12 @@
 """One layer's decode-step attention cost on the GPU: TurboQuant 4/4 codes against the bf16 cache.
 
     MLX_GEMMA4_KERNELS=cuda python -m benchmarks.tq_attention --out benchmarks/results
-    MLX_GEMMA4_KERNELS=cuda python -m benchmarks.tq_attention --out /tmp/tq --layouts "31B global" "E2B global" --contexts 32768
 
 Where a TQ decode step loses to bf16 (benchmarks/results/kv_quant_speed.md), per call and per part:
 for each Gemma 4 attention layout (E2B and 31B, sliding layers at their window, global layers at 8K to
 128K keys) the median µs of
 - `bf16 attention`: kernels/decode_attention.py on the bf16 keys and values (the default path);
-- `TQ attention`: kernels/tq_attention.py on packed 4-bit rows (both of its passes), once per partial body
-  (`--bodies`, tq_attention.BODIES: "coordinates" the current default, "keys" keys over lanes), with the
-  largest difference between the bodies' outputs (they compute the same thing);
+- `TQ attention`: kernels/tq_attention.py on packed 4-bit rows (both of its passes);
 - `TQ encode`: kernels/tq_encode.py on one token's keys and on its values (what appending costs;
   the bf16 cache writes its row with no arithmetic).
 Each timing is the median over trials of a batch of independent calls evaluated together, divided by
@@ -26,7 +23,6 @@ import mlx.core as mx
 
 from benchmarks.attention import device_name, seconds_per_call
 from mlx_gemma4.kernels import KernelFallbackWarning, backend, decode_attention
-from mlx_gemma4.kernels import tq_attention as tq_module
 from mlx_gemma4.kernels.tq_attention import tq_attention
 from mlx_gemma4.turboquant.codec import TurboQuantCodec
 
@@ -41,7 +37,7 @@ CALLS = 16
 BITS = 4
 
 
-def measure(layer: str, keys_count: int, bodies) -> dict:
+def measure(layer: str, keys_count: int) -> dict:
     dim, heads, kv_heads, _ = LAYOUTS[layer]
     rng = mx.random.split(mx.random.key(keys_count + heads), 3 + CALLS)
     keys = mx.random.normal((1, kv_heads, keys_count, dim), key=rng[0]).astype(mx.bfloat16)
@@ -62,24 +58,18 @@ def measure(layer: str, keys_count: int, bodies) -> dict:
         return k_codec.encode(rows)
 
     bf16_s = seconds_per_call(bf16, queries, keys, values)
+    tq_s = seconds_per_call(tq, queries, k_rows, v_rows)
     encode_s = seconds_per_call(encode, new_rows, None, None)
-    row = dict(layer=layer, head_dim=dim, heads=heads, kv_heads=kv_heads, keys=keys_count,
-               bf16_us=round(bf16_s * 1e6, 1), encode_us=round(encode_s * 1e6, 1),
-               bf16_gb_per_s=round((keys.nbytes + values.nbytes) / bf16_s / 1e9))
-    outputs = []
-    for body in bodies:
-        tq_module.BODY = body  # plans are kept per body
-        tq_s = seconds_per_call(tq, queries, k_rows, v_rows)
-        outputs.append(tq(queries[0], k_rows, v_rows).astype(mx.float32))
-        row[f"tq_{body}_us"] = round(tq_s * 1e6, 1)
-        row[f"tq_{body}_step_over_bf16"] = round((tq_s + 2 * encode_s) / bf16_s, 2)
-        row[f"tq_{body}_gb_per_s"] = round((k_rows.nbytes + v_rows.nbytes) / tq_s / 1e9)
-    row["bodies_max_abs_diff"] = max(mx.abs(o - outputs[0]).max().item() for o in outputs)
-    return row
+    return dict(
+        layer=layer, head_dim=dim, heads=heads, kv_heads=kv_heads, keys=keys_count,
+        bf16_us=round(bf16_s * 1e6, 1), tq_us=round(tq_s * 1e6, 1), encode_us=round(encode_s * 1e6, 1),
+        tq_step_over_bf16=round((tq_s + 2 * encode_s) / bf16_s, 2),
+        bf16_gb_per_s=round((keys.nbytes + values.nbytes) / bf16_s / 1e9),
+        tq_gb_per_s=round((k_rows.nbytes + v_rows.nbytes) / tq_s / 1e9),
+    )
 
 
 def markdown(result: dict) -> str:
-    bodies = result["bodies"]
     lines = [
         f"# One layer's decode attention: TurboQuant {BITS}/{BITS} codes vs the bf16 cache ({result['device']}, "
         f"kernels: {result['backend']}, mlx {result['mlx']})",
@@ -88,19 +78,13 @@ def markdown(result: dict) -> str:
         "(TQ attention + two encodes) / bf16 attention, the layer's share of a decode step's difference. "
         "GB/s: the cache bytes each kernel reads. `python -m benchmarks.tq_attention`.",
         "",
-        f"TQ attention per partial body: {', '.join(bodies)} (kernels/tq_attention.py BODIES); `bodies differ`: "
-        "the largest difference between their outputs (bf16).",
-        "",
-        "| layer | keys | bf16 attention µs | " + " | ".join(f"TQ {b} µs" for b in bodies) +
-        " | TQ encode µs (one row) | " + " | ".join(f"TQ {b} step / bf16" for b in bodies) + " | bf16 GB/s | " +
-        " | ".join(f"TQ {b} GB/s" for b in bodies) + " | bodies differ |",
-        "|---|" + "---:|" * (5 + 3 * len(bodies)),
+        "| layer | keys | bf16 attention µs | TQ attention µs | TQ encode µs (one row) | TQ step / bf16 "
+        "| bf16 GB/s | TQ GB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        cells = [r["layer"], r["keys"], r["bf16_us"], *(r[f"tq_{b}_us"] for b in bodies), r["encode_us"],
-                 *(f"{r[f'tq_{b}_step_over_bf16']}×" for b in bodies), r["bf16_gb_per_s"],
-                 *(r[f"tq_{b}_gb_per_s"] for b in bodies), f"{r['bodies_max_abs_diff']:.2g}"]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append(f"| {r['layer']} | {r['keys']} | {r['bf16_us']} | {r['tq_us']} | {r['encode_us']} | "
+                     f"{r['tq_step_over_bf16']}× | {r['bf16_gb_per_s']} | {r['tq_gb_per_s']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -109,19 +93,17 @@ def main():
     parser.add_argument("--out", type=Path, required=True, help="folder for tq_attention.json/.md")
     parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS, help="global layers' key counts")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS), metavar="LAYOUT",
-                        help=f"layers to time, of: {', '.join(LAYOUTS)}")
-    parser.add_argument("--bodies", nargs="+", default=list(tq_module.BODIES), choices=tq_module.BODIES,
-                        help="TQ partial bodies to time side by side")
+                        help=f"layers to time (default all: {', '.join(LAYOUTS)})")
     args = parser.parse_args()
     if backend() == "reference":
         raise SystemExit("no GPU backend: run on a GPU (MLX_GEMMA4_KERNELS=cuda or metal)")
     warnings.simplefilter("error", KernelFallbackWarning)  # a configuration that fell back is no measurement
     args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(device=device_name(), backend=backend(), mlx=mx.__version__, bodies=args.bodies, rows=[])
+    result = dict(device=device_name(), backend=backend(), mlx=mx.__version__, rows=[])
     for layer in args.layouts:
         window = LAYOUTS[layer][3]
         for keys_count in [window] if window else args.contexts:
-            result["rows"].append(measure(layer, keys_count, args.bodies))
+            result["rows"].append(measure(layer, keys_count))
             print(result["rows"][-1], flush=True)
             (args.out / "tq_attention.json").write_text(json.dumps(result, indent=1))
             (args.out / "tq_attention.md").write_text(markdown(result))

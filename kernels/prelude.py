@@ -66,7 +66,7 @@ __device__ __forceinline__ int max(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int min(int a, int b) { return a < b ? a : b; }
 }  // namespace metal
 
-struct alignas(16) f32x4 { float x, y, z, w; };  // aligned: a threadgroup array of them reads 16 bytes at once
+struct f32x4 { float x, y, z, w; };
 __device__ __forceinline__ f32x4 load4(const float* p) {
   float2 a = *reinterpret_cast<const float2*>(p), b = *reinterpret_cast<const float2*>(p + 2);  // 8-byte aligned
   return f32x4{a.x, a.y, b.x, b.y};

@@ -1,14 +1,12 @@
 """TurboQuant kernels on a real GPU through the public dispatch, against their references.
 
     MLX_GEMMA4_KERNELS=cuda python -m pytest tests/kernels/test_tq_on_device.py -m gpu
-    MLX_GEMMA4_KERNELS=cuda python -m pytest tests/kernels/test_tq_on_device.py -m gpu -k keys_body  # the new body
 """
 
 import mlx.core as mx
 import pytest
 
 from mlx_gemma4.kernels import backend
-from mlx_gemma4.kernels import tq_attention as tq_attention_module
 from mlx_gemma4.kernels.tq_attention import ROUNDED_TOLERANCE, TOLERANCE, Recent, reference, tq_attention
 from mlx_gemma4.kernels.tq_encode import differences, encode
 from mlx_gemma4.turboquant.codec import TurboQuantCodec
@@ -82,70 +80,3 @@ def test_decode_attention_with_a_recent_window_matches_reference(length):
     with mx.stream(mx.cpu):
         want = reference(q, k, v, k_codec, v_codec, 1.0, None, recent)
     assert mx.abs(got - want).max().item() <= TOLERANCE
-
-
-@pytest.fixture
-def keys_body(monkeypatch):
-    """The dispatch on the keys-over-lanes partial body (kernels/tq_attention.py BODIES)."""
-    monkeypatch.setattr(tq_attention_module, "BODY", "keys")
-    monkeypatch.setattr(tq_attention_module, "_plans", {})
-
-
-# (head dim, query heads, kv heads, key bits, value bits): the presets' layouts, and the other bit widths
-KEYS_BODY_LAYOUTS = {
-    "31B global": (512, 32, 4, 4, 4),
-    "E2B global": (512, 8, 1, 4, 4),
-    "E2B sliding": (256, 8, 1, 4, 4),
-    "31B sliding": (256, 32, 16, 4, 4),
-    "3/2 bits": (512, 16, 2, 3, 2),
-    "2/3 bits": (256, 8, 2, 2, 3),
-}
-
-
-@pytest.mark.parametrize("length", [1, 1000, 32768])
-@pytest.mark.parametrize("layout", KEYS_BODY_LAYOUTS)
-def test_keys_body_with_bf16_queries_matches_reference(keys_body, layout, length):
-    dim, heads, n_kv, k_bits, v_bits = KEYS_BODY_LAYOUTS[layout]
-    k_codec, v_codec = TurboQuantCodec(dim, k_bits, 1), TurboQuantCodec(dim, v_bits, 2)
-    keys = mx.random.split(mx.random.key(length + heads), 3)
-    q = (mx.random.normal((1, heads, 1, dim), key=keys[0]) * dim**-0.25).astype(mx.bfloat16)
-    k = k_codec.encode(mx.random.normal((1, n_kv, length, dim), key=keys[1]).astype(mx.bfloat16))
-    v = v_codec.encode(mx.random.normal((1, n_kv, length, dim), key=keys[2]).astype(mx.bfloat16))
-    mask = (mx.arange(length) >= length // 3)[None, None, None] if length > 1 else None
-    got = tq_attention(q, k, v, k_codec, v_codec, 1.0, mask)
-    with mx.stream(mx.cpu):
-        want = reference(q, k, v, k_codec, v_codec, 1.0, mask)
-    assert got.dtype == mx.bfloat16
-    assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= ROUNDED_TOLERANCE
-
-
-@pytest.mark.parametrize("length", [100, 32768])
-def test_keys_body_in_float32_matches_reference(keys_body, length):
-    dim, heads, n_kv = 512, 16, 2
-    k_codec, v_codec = TurboQuantCodec(dim, 4, 1), TurboQuantCodec(dim, 3, 2)
-    keys = mx.random.split(mx.random.key(length), 3)
-    q = mx.random.normal((2, heads, 1, dim), key=keys[0])
-    k = k_codec.encode(mx.random.normal((2, n_kv, length, dim), key=keys[1]).astype(mx.bfloat16))
-    v = v_codec.encode(mx.random.normal((2, n_kv, length, dim), key=keys[2]).astype(mx.bfloat16))
-    mask = mx.arange(length)[None] >= mx.array([[0], [length // 2]])  # batch 2, one row half padding
-    got = tq_attention(q, k, v, k_codec, v_codec, 1.0, mask[:, None, None])
-    with mx.stream(mx.cpu):
-        want = reference(q, k, v, k_codec, v_codec, 1.0, mask[:, None, None])
-    assert mx.abs(got - want).max().item() <= TOLERANCE
-
-
-def test_keys_body_with_a_recent_window_matches_reference(keys_body):
-    dim, group, n_kv, window, length = 512, 8, 2, 64, 4096
-    k_codec, v_codec = TurboQuantCodec(dim, 4, 1), TurboQuantCodec(dim, 4, 2)
-    keys = mx.random.split(mx.random.key(5), 5)
-    q = mx.random.normal((1, n_kv * group, 1, dim), key=keys[0]).astype(mx.bfloat16)
-    k = k_codec.encode(mx.random.normal((1, n_kv, length, dim), key=keys[1]).astype(mx.bfloat16))
-    v = v_codec.encode(mx.random.normal((1, n_kv, length, dim), key=keys[2]).astype(mx.bfloat16))
-    recent = Recent(mx.random.normal((1, n_kv, window, dim), key=keys[3]).astype(mx.bfloat16),
-                    mx.random.normal((1, n_kv, window, dim), key=keys[4]).astype(mx.bfloat16),
-                    packed_mask=(mx.arange(length) < length - window)[None, None, None],
-                    mask=mx.ones((1, 1, 1, window), mx.bool_))
-    got = tq_attention(q, k, v, k_codec, v_codec, 1.0, None, recent)
-    with mx.stream(mx.cpu):
-        want = reference(q, k, v, k_codec, v_codec, 1.0, None, recent)
-    assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= ROUNDED_TOLERANCE
