@@ -173,30 +173,64 @@ def supports(x: mx.array) -> bool:
 
 def encode(x: mx.array, sign: mx.array, centroids: mx.array, boundaries: mx.array, bits: int) -> mx.array:
     """Packed rows of `x` on this device's kernel, or the reference (see module doc)."""
+    run = plan(x, bits)
+    if run is None:
+        return reference(x, sign, centroids, boundaries, bits)
+    return run(x, sign, centroids, boundaries)
+
+
+# Plans per signature, as decode_attention's: a decode step encodes twice per KV-owning layer, and on a GPU
+# the step is bound by host time. The row count is not part of it (prefill chunks vary); the launch reads it.
+_plans: dict = {}
+
+
+def plan(x: mx.array, bits: int):
+    """The kernel call for vectors like `x`, run(x, sign, centroids, boundaries), or None where the
+    reference serves; probes a new configuration."""
     on = backend()
-    if on != "reference" and supports(x):
-        config = (on, x.dtype, x.shape[-1], bits)
-        if usable(("tq_encode", *config), lambda: _probe(*config)):
-            return run(launcher(on), x, sign, centroids, boundaries, bits)
-    return reference(x, sign, centroids, boundaries, bits)
+    if on == "reference":
+        return None
+    signature = (on, launcher, x.shape[-1], x.dtype, bits)
+    run = _plans.get(signature, False)
+    if run is False:
+        run = None
+        if supports(x):
+            config = (on, x.dtype, x.shape[-1], bits)
+            if not usable(("tq_encode", *config), lambda: _probe(*config)):
+                return None  # `usable` keeps this verdict, not the plans
+            run = _launches(launcher(on), x.shape[-1], x.dtype, bits)
+        _plans[signature] = run
+    return run
 
 
 def run(launch: Launcher, x: mx.array, sign: mx.array, centroids: mx.array, boundaries: mx.array,
         bits: int) -> mx.array:
     """The kernel path through `launch` (a GPU backend, or the tests' CPU emulator): one call."""
-    dim = x.shape[-1]
-    flat = x.reshape(-1, dim)
-    groups = -(-flat.shape[0] // VECTORS_PER_GROUP)
-    (out,) = launch(
-        encode_kernel,
-        inputs=[flat, sign, boundaries, centroids, _inv_sqrt(dim)],
-        template=[("T", x.dtype), ("D", dim), ("BITS", bits), ("VPG", VECTORS_PER_GROUP)],
-        grid=(32 * VECTORS_PER_GROUP * groups, 1, 1),
-        threadgroup=(32 * VECTORS_PER_GROUP, 1, 1),
-        output_shapes=[(flat.shape[0], words(dim, bits) + 1)],
-        output_dtypes=[mx.uint32],
-    )
-    return out.reshape(*x.shape[:-1], -1)
+    return _launches(launch, x.shape[-1], x.dtype, bits)(x, sign, centroids, boundaries)
+
+
+def _launches(launch: Launcher, dim: int, dtype, bits: int):
+    """The kernel call with its parameters worked out once, but for the row count (the body reads it
+    from x's shape, so x goes in as [rows, D]; the output is written flat, shaped as x)."""
+    template = [("T", dtype), ("D", dim), ("BITS", bits), ("VPG", VECTORS_PER_GROUP)]
+    threadgroup = (32 * VECTORS_PER_GROUP, 1, 1)
+    inv_sqrt, width = _inv_sqrt(dim), words(dim, bits) + 1
+
+    def run(x: mx.array, sign: mx.array, centroids: mx.array, boundaries: mx.array) -> mx.array:
+        flat = x.reshape(-1, dim)
+        groups = -(-flat.shape[0] // VECTORS_PER_GROUP)
+        (out,) = launch(
+            encode_kernel,
+            inputs=[flat, sign, boundaries, centroids, inv_sqrt],
+            template=template,
+            grid=(32 * VECTORS_PER_GROUP * groups, 1, 1),
+            threadgroup=threadgroup,
+            output_shapes=[(*x.shape[:-1], width)],
+            output_dtypes=[mx.uint32],
+        )
+        return out
+
+    return run
 
 
 @lru_cache(maxsize=None)

@@ -130,3 +130,25 @@ def test_tq_attention_plans_per_signature(monkeypatch):
     assert tq_attention.plan(q, rows(100), four, four, None, mx.zeros(1)) is None  # a new signature, failed probe
     monkeypatch.setattr(tq_attention, "usable", lambda key, probe: True)
     assert tq_attention.plan(q, rows(100), four, four, None, mx.zeros(1)) is not None  # not cached as failed
+
+
+def test_tq_encode_plans_per_signature(monkeypatch):
+    """The encoder caches its plan per (head dim, dtype, bits), not per row count; a planned call launches
+    what `run` launches and shapes its rows as the input."""
+    from mlx_gemma4.kernels import tq_encode
+    from mlx_gemma4.turboquant.codec import TurboQuantCodec
+
+    calls = record_launches(monkeypatch, tq_encode)
+    codec = TurboQuantCodec(128, 4, 0)
+    monkeypatch.setenv(ENV, "cuda")
+    one, chunk = mx.zeros((1, 2, 1, 128), mx.bfloat16), mx.zeros((1, 2, 37, 128), mx.bfloat16)
+    run = tq_encode.plan(one, 4)
+    assert run is not None and tq_encode.plan(chunk, 4) is run
+    others = [tq_encode.plan(one, 3), tq_encode.plan(one.astype(mx.float16), 4), tq_encode.plan(mx.zeros((1, 256)), 4)]
+    assert None not in others and len({id(p) for p in others + [run]}) == 4
+    rows = codec.encode(chunk)
+    assert rows.shape == (1, 2, 37, codec.words + 1) and rows.dtype == mx.uint32
+    tq_encode.run(tq_encode.launcher("cuda"), chunk, codec.sign, codec.centroids, codec.boundaries, 4)
+    assert calls[0] == calls[1] and calls[0][2][0] > 0
+    monkeypatch.setenv(ENV, "reference")
+    assert tq_encode.plan(one, 4) is None
