@@ -15,7 +15,8 @@ never waits on memory it could have asked for earlier. The launch shape (RPS, NS
 `LAUNCH_SHAPES` per backend and weight shape (benchmarks/gemv_sweep.py measures them all); by default
 RPS = 4 and NSG (`simdgroups`) grows for short N until the launch has enough simdgroups to fill an
 H100. Each simdgroup's sums meet in threadgroup memory. A lane's chunk lies inside one quantization
-group, so it folds its partial dot products as scale * sum(x * code) + bias * sum(x). The activations come from L1, reused across the RPS rows. Codes
+group, so it folds its partial dot products as scale * sum(x * code) + bias * sum(x). The activations
+come from L1, reused across the RPS rows. Codes
 become floats without an int->float conversion (a quarter-rate instruction on NVIDIA GPUs): a code
 placed in the mantissa of 2^(23 - s), s its bit offset, reads as 2^(23 - s) + code exactly. The body's
 template: T (output dtype), BITS, GS (group size), M (rows of x), RPS, NSG; its comments are few and
