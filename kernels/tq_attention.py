@@ -45,11 +45,15 @@ PARTIAL = r"""
     constexpr int WK = KB == 4 ? D / 8 : (KB == 2 ? D / 16 : D / 16 + D / 32);  // words before the norm
     constexpr int WV = VB == 4 ? D / 8 : (VB == 2 ? D / 16 : D / 16 + D / 32);
     constexpr float FLOOR = -1e30f;
-// code of coordinate j in a packed row (turboquant/packing.py): 3 bits as a 2-bit and a 1-bit plane
-#define TQ_CODE(row, B, j)                                                                          \
-    ((B) == 3 ? ((((row)[(j) / 16] >> (2 * ((j) % 16))) & 3u) |                                      \
-                 ((((row)[D / 16 + (j) / 32] >> ((j) % 32)) & 1u) << 2))                               \
-              : (((row)[(j) * (B) / 32] >> (((j) * (B)) % 32)) & ((1u << (B)) - 1u)))
+// The lane's c-th W-bit field of the plane at word `at` of a packed row (turboquant/packing.py): the
+// lane's N·W bits start at bit lane·N·W, a word's start or inside one word (D is a power of two), so
+// with c a constant every word index and shift but the lane's own is known to the compiler.
+#define TQ_FIELD(row, at, W, c)                                                                     \
+    (((row)[(at) + lane * (N * (W)) / 32 + (c) * (W) / 32] >> (lane * (N * (W)) % 32 + (c) * (W) % 32)) & \
+     ((1u << (W)) - 1u))
+// code c of the lane: 3 bits as a 2-bit and a 1-bit plane
+#define TQ_CODE(row, B, c) \
+    ((B) == 3 ? (TQ_FIELD(row, 0, 2, c) | (TQ_FIELD(row, D / 16, 1, c) << 2)) : TQ_FIELD(row, 0, B, c))
     threadgroup float lut[32];  // key codebook at 0, value codebook at 16
     threadgroup float rotated[G * D];  // the kv head's G queries, rotated into the keys' basis
     const uint t_id = thread_index_in_threadgroup;
@@ -85,7 +89,9 @@ PARTIAL = r"""
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    const float q_factor = q_scale[0];
+    // scores in log2 units, so that the softmax takes exp2 (one instruction on CUDA, expf's range
+    // reduction around it otherwise); m goes back to natural units when the partial is written
+    const float q_factor = q_scale[0] * 1.44269504f;
     const uint h0 = kvh * G + (sg % NH) * HPS;
     const int split = sg / NH;
     const int n_chunks = threadgroups_per_grid.y;
@@ -122,7 +128,7 @@ PARTIAL = r"""
                 s[t][h] = 0.0f;
             }
             for (int c = 0; c < N; c++) {
-                const float x = lut[TQ_CODE(k + row, KB, lane * N + c)];
+                const float x = lut[TQ_CODE(k + row, KB, c)];
                 for (int h = 0; h < HPS; h++) {
                     s[t][h] += qs[h][c] * x;
                 }
@@ -144,14 +150,14 @@ PARTIAL = r"""
                     m_new = metal::max(m_new, s[t][h]);
                 }
             }
-            const float rescale = metal::exp(m[h] - m_new);
+            const float rescale = metal::exp2(m[h] - m_new);
             m[h] = m_new;
             l[h] *= rescale;
             for (int c = 0; c < N; c++) {
                 o[h][c] *= rescale;
             }
             for (int t = 0; t < BK; t++) {
-                s[t][h] = valid[t] ? metal::exp(s[t][h] - m_new) : 0.0f;
+                s[t][h] = valid[t] ? metal::exp2(s[t][h] - m_new) : 0.0f;
                 l[h] += s[t][h];
             }
         }
@@ -162,10 +168,14 @@ PARTIAL = r"""
             // a masked slot may hold anything, NaN norms included: it contributes nothing
             const size_t norm_at = b * v_norm_strides[0] + kvh * v_norm_strides[1] + key * v_norm_strides[2] + WV;
             const float norm = valid[t] ? v_norm[norm_at] : 0.0f;
+            float weight[HPS];  // the norm folded into the softmax weight: once per head, not per coordinate
+            for (int h = 0; h < HPS; h++) {
+                weight[h] = s[t][h] * norm;
+            }
             for (int c = 0; c < N; c++) {
-                const float x = lut[16 + TQ_CODE(v + row, VB, lane * N + c)] * norm;
+                const float x = lut[16 + TQ_CODE(v + row, VB, c)];
                 for (int h = 0; h < HPS; h++) {
-                    o[h][c] += s[t][h] * x;
+                    o[h][c] += weight[h] * x;
                 }
             }
         }
@@ -178,7 +188,7 @@ PARTIAL = r"""
             o_part[at * D + lane * N + c] = o[h][c];
         }
         if (lane == 0) {
-            ml[2 * at] = m[h];
+            ml[2 * at] = m[h] * 0.693147181f;  // ln 2
             ml[2 * at + 1] = l[h];
         }
     }

@@ -35,6 +35,7 @@ void threadgroup_barrier(mem_flags flags);
 template <typename T> T simd_sum(T x);
 template <typename T> T simd_max(T x);
 float exp(float x);
+float exp2(float x);
 float rsqrt(float x);
 float max(float a, float b);
 float min(float a, float b);

@@ -325,6 +325,7 @@ inline void threadgroup_barrier(mem_flags, int line = __builtin_LINE()) {
 template <typename T> T simd_sum(T x, int line = __builtin_LINE()) { return metal_emu::simd_call<T, metal_emu::Add>(x, line); }
 template <typename T> T simd_max(T x, int line = __builtin_LINE()) { return metal_emu::simd_call<T, metal_emu::Max>(x, line); }
 inline float exp(float x) { return __builtin_expf(x); }
+inline float exp2(float x) { return __builtin_exp2f(x); }
 inline float rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
 inline float max(float a, float b) { return __builtin_fmaxf(a, b); }  // a NaN loses, as in Metal and CUDA
 inline float min(float a, float b) { return __builtin_fminf(a, b); }

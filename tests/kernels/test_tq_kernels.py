@@ -234,9 +234,10 @@ def test_planted_encode_bugs_are_caught(bug):
 ATTENTION_BUGS = {
     "value codebook read as the key codebook": ("partial", "lut[16 + TQ_CODE(v + row, VB", "lut[TQ_CODE(v + row, VB"),
     "norm word one off": ("partial", "key * k_norm_strides[2] + WK]", "key * k_norm_strides[2] + WK - 1]"),
-    "lane owns strided coordinates": ("partial",
-                                      "lane * N + c)];\n                for (int h = 0; h < HPS; h++) {\n                    s[t][h]",
-                                      "c * 32 + lane)];\n                for (int h = 0; h < HPS; h++) {\n                    s[t][h]"),
+    "lane's queries on strided coordinates": ("partial", "* D + lane * N + c]", "* D + c * 32 + lane]"),
+    "lane's codes read from its word's start": ("partial", ">> (lane * (N * (W)) % 32 + ", ">> ("),
+    "value norm left out": ("partial", "weight[h] = s[t][h] * norm;", "weight[h] = s[t][h];"),
+    "m written in log2 units": ("partial", "m[h] * 0.693147181f", "m[h]"),
     "queries and codebooks loaded without a barrier": (
         "partial", "    }\n    threadgroup_barrier(mem_flags::mem_threadgroup);\n    for (int h = 1; h < D; h <<= 1) {",
         "    }\n    for (int h = 1; h < D; h <<= 1) {"),
