@@ -35,6 +35,8 @@ CONFIGS = {  # name: (kernel, head dim, query heads per kv head, key bits, value
     "31B global TQ 4/4": ("tq", 512, 8, 4, 4),
     "31B sliding bf16": ("bf16", 256, 2, 0, 0),
     "31B sliding TQ 4/4": ("tq", 256, 2, 4, 4),
+    "E2B sliding TQ 4/4": ("tq", 256, 8, 4, 4),
+    "E2B sliding TQ 3/2": ("tq", 256, 8, 3, 2),
 }
 CUDA_TYPES = {mx.float32: "float", mx.float16: "__half", mx.bfloat16: "__nv_bfloat16", mx.uint32: "uint32_t",
               mx.int32: "int32_t", mx.bool_: "bool"}

@@ -34,7 +34,6 @@ from .decode_attention import (
     MIN_SIMDGROUPS,
     TARGET_THREADGROUPS,
     _constant,
-    _heads_per_simdgroup,
 )
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
@@ -360,6 +359,12 @@ def _tile(mask, begin: int, end: int):
     return None if mask is None else mask[..., begin:end]
 
 
+# Query heads a simdgroup scores from one decode of a key's codes (every simdgroup on a key decodes them
+# again): the largest divisor of G with HPS <= 4 and HPS·D <= 2048, so that a lane's queries and outputs
+# (2·HPS·D/32 floats) and scores (BK·HPS) stay in registers. nvcc for sm_90: D=512 HPS=4 252 registers,
+# D=256 HPS=8 spilled (benchmarks/kernel_instructions.py).
+MAX_HEADS_PER_SIMDGROUP = 4
+HEAD_DIMS_PER_SIMDGROUP = 2048
 MAX_ROTATED_QUERIES = 4096  # G·D floats of threadgroup memory (16 KB): Gemma 4 has G·D <= 8·512
 
 
@@ -429,7 +434,8 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
               masked: bool, with_recent: bool):
     """Both passes for inputs of this signature, worked out but for what depends on the key count."""
     group = n_heads // n_kv
-    per_simdgroup = _heads_per_simdgroup(group, dim)
+    per_simdgroup = max(h for h in range(1, min(group, MAX_HEADS_PER_SIMDGROUP) + 1)
+                        if group % h == 0 and h * dim <= HEAD_DIMS_PER_SIMDGROUP)
     head_groups = group // per_simdgroup
     splits = max(1, MIN_SIMDGROUPS // head_groups)
     most_chunks = min(-(-TARGET_THREADGROUPS // (batch * n_kv)), MAX_PARTIALS // splits)

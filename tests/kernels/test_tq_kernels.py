@@ -76,10 +76,27 @@ def test_encode_kernel_gives_a_token_the_same_row_in_a_chunk_or_alone():
         (512, 4, 4, 3, 131, (0, 0)),
         (256, 2, 3, 3, 70, (3, 0)),  # 26B sliding layers
         (256, 8, 2, 4, 200, (0, 0)),  # E2B
+        (256, 6, 4, 2, 90, (0, 4)),  # 3 heads a simdgroup, 2 simdgroups across the group, 2 splitting keys
+        (512, 3, 2, 3, 75, (2, 0)),  # 3 heads a simdgroup, 4 simdgroups splitting keys
     ],
 )
 def test_decode_attention_matches_reference(dim, group, k_bits, v_bits, length, padding):
     assert attention_error(attention_case(dim, group, k_bits, v_bits, length, padding)) <= tq_attention.TOLERANCE
+
+
+@pytest.mark.parametrize("dim,group,heads,splits", [(512, 8, 4, 2), (256, 2, 2, 4), (256, 8, 4, 2), (256, 6, 3, 2),
+                                                    (512, 3, 3, 4)])
+def test_heads_per_simdgroup(dim, group, heads, splits):
+    """The launches the cases above run: each key's codes decoded once for up to 4 heads (registers)."""
+    templates = []
+
+    def record(kernel, **call):
+        templates.append(dict(call["template"]))
+        return [mx.zeros(s, d) for s, d in zip(call["output_shapes"], call["output_dtypes"])]
+
+    q, k, v, k_codec, v_codec, mask = attention_case(dim, group, 4, 4, 8)
+    tq_attention.attend(record, q, k, v, k_codec, v_codec, 1.0, mask)
+    assert (templates[0]["HPS"], templates[0]["NK"]) == (heads, splits)
 
 
 def test_bf16_queries_and_gemma_scale():

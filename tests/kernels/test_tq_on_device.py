@@ -34,6 +34,17 @@ def test_encode_equals_reference(dim, bits):
 @pytest.mark.parametrize("length", [1, 64, 1000, 4096, 32768, 131072])
 @pytest.mark.parametrize("dim,group,k_bits,v_bits", [(512, 8, 4, 4), (512, 4, 4, 3), (256, 8, 3, 3), (256, 2, 2, 4)])
 def test_decode_attention_matches_reference(length, dim, group, k_bits, v_bits):
+    decode_matches_reference(length, dim, group, k_bits, v_bits)
+
+
+@pytest.mark.parametrize("length", [1000, 32768])
+@pytest.mark.parametrize("dim,group,k_bits,v_bits", [(256, 6, 4, 2), (512, 3, 2, 3)])
+def test_odd_heads_per_simdgroup(length, dim, group, k_bits, v_bits):
+    """3 query heads a simdgroup (groups of 6 and 3): no power-of-two register arrays."""
+    decode_matches_reference(length, dim, group, k_bits, v_bits)
+
+
+def decode_matches_reference(length, dim, group, k_bits, v_bits):
     k_codec, v_codec = TurboQuantCodec(dim, k_bits, 1), TurboQuantCodec(dim, v_bits, 2)
     keys = mx.random.split(mx.random.key(length), 3)
     n_kv = 2
