@@ -27,7 +27,8 @@ from mlx_gemma4.kernels import tq_attention
 from mlx_gemma4.kernels.prelude import CUDA_PRELUDE
 from mlx_gemma4.turboquant.codec import TurboQuantCodec
 
-decode_attention = importlib.import_module("mlx_gemma4.kernels.decode_attention")  # the package exports its function
+# the module, not the function the package exports under its name
+decode_attention = importlib.import_module("mlx_gemma4.kernels.decode_attention")
 NVCC = "/usr/local/cuda/bin/nvcc"
 ARCH = "sm_90"
 CONFIGS = {  # name: (kernel, head dim, query heads per kv head, key bits, value bits); 0 bits: the bf16 cache
