@@ -18,6 +18,7 @@ import mlx.nn as nn
 from .config import ConfigError, TextConfig
 from .mapped import MappedEmbedding
 from .model import Model
+from .model.fused import fuse_projections
 from .model.quantized_linear import kernel_layers_wanted, use_kernel_layers
 
 MULTIMODAL_PREFIXES = (
@@ -235,7 +236,9 @@ def load_model(path_or_repo: str, lazy: bool = False, map_ple: bool = True) -> M
         del weights[PLE_TABLE]
     check_shapes(model, weights, origin)
     model.load_weights(list(weights.items()), strict=True)
+    del weights, all_weights, towers  # the model alone holds its arrays: fusing then frees those it replaces
     if not lazy:
         mx.eval(model.parameters())
+        fuse_projections(model)
     model.eval()
     return model

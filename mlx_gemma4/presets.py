@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from .config import FULL, SLIDING, TextConfig
 from .model import Model
+from .model.fused import fuse_projections
 from .model.moe import QuantizedSwitchLinear
 from .model.quantized_linear import kernel_layers_wanted, use_kernel_layers
 
@@ -83,7 +84,7 @@ def random_model(name: str, bits: int | None = None, group_size: int = 64, dtype
             local = {k: _random_like(k, v.shape, dtype) for k, v in module.items() if isinstance(v, mx.array)}
             module.update(local)
             mx.eval(local)
-    return model
+    return fuse_projections(model)
 
 
 def _random_like(name: str, shape, dtype) -> mx.array:

@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import LayerSpec
+from .fused import Projections
 
 
 class RMSNorm(nn.Module):
@@ -69,9 +70,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.project_gate_up = Projections("project_gate_up", ("gate_proj", "up_proj"))  # fused.py may fuse them
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self["down_proj"](geglu(self["gate_proj"](x), self["up_proj"](x)))  # by item: see text.Attention
+        gate, up = self.project_gate_up(self, x)
+        return self["down_proj"](geglu(gate, up))  # by item: see text.Attention
 
 
 @partial(mx.compile, shapeless=True)

@@ -16,6 +16,7 @@ from ..cache import FullCache, SlidingCache
 from ..quantized_cache import KVQuantConfig, Packed, make_quantized_cache, quantized_attention
 from ..kernels import scaled_dot_product_attention
 from ..config import FULL, SLIDING, LayerSpec, TextConfig
+from .fused import Projections
 from .layers import MLP, RMSNorm, RoPE, attention_mask, geglu, rms_norm_no_scale, scaled_residual, soft_cap
 from .moe import Experts, Router
 
@@ -34,6 +35,8 @@ class Attention(nn.Module):
             if not spec.k_eq_v:
                 self.v_proj = nn.Linear(config.hidden_size, spec.num_kv_heads * dim, bias=bias)
             self.k_norm = RMSNorm(dim, self.eps)
+            # q/k(/v) of one input: fused.py may make them one matmul once the weights are loaded.
+            self.project_qkv = Projections("project_qkv", ("q_proj", "k_proj") + (() if spec.k_eq_v else ("v_proj",)))
         self.o_proj = nn.Linear(n_heads * dim, config.hidden_size, bias=bias)
         self.rope = RoPE(spec)
 
@@ -44,17 +47,19 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         dim = self.spec.head_dim
         rope = self["rope"]
-        queries = self["q_norm"](self["q_proj"](x).reshape(batch, length, -1, dim))
-        queries = rope(queries.transpose(0, 2, 1, 3), offset)
         if shared_kv is not None:
+            queries = self["q_proj"](x)
             keys, values = shared_kv
         else:
-            keys = self["k_proj"](x).reshape(batch, length, -1, dim)
+            queries, keys, *values = self.project_qkv(self, x)
+            keys = keys.reshape(batch, length, -1, dim)
             # k_eq_v (global layers of 26B/31B): values are the raw key projection, before k_norm.
-            values = keys if self.spec.k_eq_v else self["v_proj"](x).reshape(batch, length, -1, dim)
+            values = values[0].reshape(batch, length, -1, dim) if values else keys
             keys = rope(self["k_norm"](keys).transpose(0, 2, 1, 3), offset)
             values = rms_norm_no_scale(values, self.eps).transpose(0, 2, 1, 3)
             keys, values = cache.update_and_fetch(keys, values)
+        queries = self["q_norm"](queries.reshape(batch, length, -1, dim))
+        queries = rope(queries.transpose(0, 2, 1, 3), offset)
         attend = quantized_attention if isinstance(keys, Packed) else scaled_dot_product_attention
         out = attend(queries, keys, values, scale=1.0, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
