@@ -155,3 +155,12 @@ def test_load_model_fuses_and_lazy_does_not(tmp_path):
     assert projections(eager) and all(type(p) is FusedProjections for p in projections(eager))
     assert projections(lazy) and not any(type(p) is FusedProjections for p in projections(lazy))
     np.testing.assert_allclose(np.array(decode(eager)), np.array(decode(lazy)), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_layers_stay_apart():
+    """Our kernel layers (model/quantized_linear.py) fuse gate/up their own way: fuse_projections leaves them."""
+    from mlx_gemma4.model.quantized_linear import use_kernel_layers
+
+    model = use_kernel_layers(tiny_model("31B", bits=4))
+    fuse_projections(model)
+    assert projections(model) and not any(type(p) is FusedProjections for p in projections(model))
