@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from mlx_gemma4 import cache as caches
 from mlx_gemma4.model import layers as our_layers, moe as our_moe, text as our_text
+from mlx_gemma4.model.fused import fuse_projections
 
 from .kv_quant_speed import filled_cache
 from .kv_quant_step_ops import STAND_IN, VIEWS, _placeholder, gpu_path, shrunk_model
@@ -236,7 +237,7 @@ def main():
     steps, parts = [], {}
     with gpu_graph():
         for preset in args.presets:
-            model = shrunk_model(preset)
+            model = fuse_projections(shrunk_model(preset))  # as load_model and random_model leave it
             theirs = mlx_lm_twin(model)
             name = "mlx-lm"
             if model.config.enable_moe_block:  # MLX's CPU gather_mm takes float32 only

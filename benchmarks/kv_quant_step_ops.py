@@ -32,7 +32,7 @@ from .kv_quant_speed import CACHES, filled_cache
 SHRUNK = dict(hidden_size=128, intermediate_size=64, vocab_size=512, vocab_size_per_layer_input=512,
               moe_intermediate_size=16, num_experts=32, top_k_experts=2)
 # ops that only re-describe memory (no kernel launch on a GPU); counted apart
-VIEWS = {"Broadcast", "Reshape", "Slice", "Squeeze", "ExpandDims", "Transpose", "View", "Unflatten", "Flatten",
+VIEWS = {"Broadcast", "Reshape", "Slice", "Split", "Squeeze", "ExpandDims", "Transpose", "View", "Unflatten", "Flatten",
          "AsStrided"}
 STAND_IN = "Depends"  # one of our kernels (stand_in)
 # (the package exports a function named decode_attention, hence the lookup by module name)
