@@ -23,6 +23,7 @@ from . import BUNDLED_MODEL
 from . import load as load_checkpoint
 from .chat import Event, OutputParser, render_chat
 from .generate import SamplingParams
+from .model.fused import fuse_projections
 from .server.engine import Engine, Failed, Finished, Job
 
 Progress = Callable[[float, str], None]
@@ -52,6 +53,8 @@ def load_weights(path_or_repo: str, progress: Optional[Progress] = None) -> tupl
         if done / total - reported >= 0.01 or (done == total and reported < 1):  # about a hundred calls
             reported = done / total
             report(reported, "loading weights")
+    del parameters  # the model alone holds its arrays: fusing then frees those it replaces
+    fuse_projections(model)
     return model, tokenizer
 
 

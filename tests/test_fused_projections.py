@@ -157,6 +157,17 @@ def test_load_model_fuses_and_lazy_does_not(tmp_path):
     np.testing.assert_allclose(np.array(decode(eager)), np.array(decode(lazy)), rtol=1e-5, atol=1e-5)
 
 
+def test_app_loader_fuses():
+    """mlx_gemma4.api's loader (lazy, then evaluated a tensor at a time for its progress) fuses as load_model does."""
+    from mlx_gemma4 import BUNDLED_MODEL
+    from mlx_gemma4.api import load_weights
+
+    folder = BUNDLED_MODEL
+    model, _ = load_weights(str(folder))
+    assert projections(model) and all(type(p) is FusedProjections for p in projections(model))
+    assert mx.array_equal(decode(model), decode(load_model(folder, lazy=True))).item()
+
+
 def test_kernel_layers_stay_apart():
     """Our kernel layers (model/quantized_linear.py) fuse gate/up their own way: fuse_projections leaves them."""
     from mlx_gemma4.model.quantized_linear import use_kernel_layers
