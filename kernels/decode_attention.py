@@ -362,9 +362,12 @@ def _constant(value) -> mx.array:
     return mx.array([[value]], mx.bool_) if isinstance(value, bool) else mx.array([value], mx.float32)
 
 
-def _heads_per_simdgroup(group: int, dim: int) -> int:
-    """The largest divisor of the GQA group that keeps HPS * D within the register budget."""
-    return max(h for h in range(1, group + 1) if group % h == 0 and h * dim <= HEAD_DIMS_PER_SIMDGROUP)
+def _heads_per_simdgroup(group: int, dim: int, most: Optional[int] = None,
+                         head_dims: int = HEAD_DIMS_PER_SIMDGROUP) -> int:
+    """The largest divisor of the GQA group, at most `most`, that keeps HPS * D within `head_dims` (the
+    register budget)."""
+    most = group if most is None else min(group, most)
+    return max(h for h in range(1, most + 1) if group % h == 0 and h * dim <= head_dims)
 
 
 TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3e-2}  # max abs error, values ~N(0, 1)

@@ -34,6 +34,7 @@ from .decode_attention import (
     MIN_SIMDGROUPS,
     TARGET_THREADGROUPS,
     _constant,
+    _heads_per_simdgroup,
 )
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
@@ -434,8 +435,7 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
               masked: bool, with_recent: bool):
     """Both passes for inputs of this signature, worked out but for what depends on the key count."""
     group = n_heads // n_kv
-    per_simdgroup = max(h for h in range(1, min(group, MAX_HEADS_PER_SIMDGROUP) + 1)
-                        if group % h == 0 and h * dim <= HEAD_DIMS_PER_SIMDGROUP)
+    per_simdgroup = _heads_per_simdgroup(group, dim, MAX_HEADS_PER_SIMDGROUP, HEAD_DIMS_PER_SIMDGROUP)
     head_groups = group // per_simdgroup
     splits = max(1, MIN_SIMDGROUPS // head_groups)
     most_chunks = min(-(-TARGET_THREADGROUPS // (batch * n_kv)), MAX_PARTIALS // splits)
