@@ -45,10 +45,14 @@ def hadamard(dim: int) -> mx.array:
 
 
 def rotate(x: mx.array, sign: mx.array) -> mx.array:
-    """R·x over the last axis, float32."""
-    return (x.astype(mx.float32) * sign) @ hadamard(x.shape[-1])
+    """R·x over the last axis, float32 (float64 for float64 x: tests' exact references)."""
+    return (_at_least_float32(x) * sign) @ hadamard(x.shape[-1])
 
 
 def unrotate(y: mx.array, sign: mx.array) -> mx.array:
-    """Rᵀ·y = diag(s)·H·y/√d over the last axis, float32."""
-    return (y.astype(mx.float32) @ hadamard(y.shape[-1])) * sign
+    """Rᵀ·y = diag(s)·H·y/√d over the last axis, float32 (float64 for float64 y)."""
+    return (_at_least_float32(y) @ hadamard(y.shape[-1])) * sign
+
+
+def _at_least_float32(x: mx.array) -> mx.array:
+    return x if x.dtype == mx.float64 else x.astype(mx.float32)
