@@ -359,6 +359,16 @@ PATH_ENV = "MLX_GEMMA4_QUANTIZED_MATMUL"
 PATHS = ("gemv", "dequantize", "mlx")
 
 
+def dequantizes_from(choice: str, on: str) -> float:
+    """The fewest rows of x for which path `choice` (auto or one of PATHS) dequantizes some weight on
+    backend `on`; infinity if it never does."""
+    if choice == "dequantize":
+        return 1
+    if choice != "auto":
+        return INF
+    return min((fewest for fewest, _, _, name in DISPATCH[on] if name == "dequantize"), default=INF)
+
+
 def path(x, w, scales, biases, group_size: int, bits: int) -> str:
     """The path `quantized_matmul` takes for these inputs: the table's, or the environment's
     (`gemv` only where the kernel applies: a GPU backend and inputs it supports)."""

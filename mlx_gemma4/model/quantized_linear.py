@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from ..kernels import backend
-from ..kernels.quantized_matmul import PATH_ENV, PATHS, geglu_plan, plan
+from ..kernels.quantized_matmul import PATH_ENV, PATHS, dequantizes_from, geglu_plan, plan
 from .layers import MLP
 
 
@@ -90,11 +90,11 @@ _OURS = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEm
 
 def kernel_layers_wanted() -> bool:
     """Whether loaders swap our layers in: only when MLX_GEMMA4_QUANTIZED_MATMUL names a path other than
-    MLX's. Measured end to end on an H100 (benchmarks/results/2026-11-23-h100-4bit-e2e-qmm-layers.md)
-    our layers prefilled 31B 1.40x faster than mlx-lm but decoded at 0.73-0.75x on E2B and 31B, where
-    MLX's own layers had been at parity (each call's dispatch then cost ~6 us of Python), and the
-    prefill's dequantized weights raised 31B's peak memory from 23 to 34 GB. Until a rerun shows
-    otherwise MLX's layers are the default."""
+    MLX's. On an H100 (benchmarks/results/2026-11-23-h100-4bit-31b-our-qmm-layers.md, one run) our layers
+    now prefill 31B 1.81x and decode it 1.07x mlx-lm's, where an earlier tree decoded at 0.75x; but that
+    run's peak memory was 36.6 GB against 23.0 (dequantized weights of queued layers), which the one-layer
+    pacing of prefill (model/text.py) is meant to bound, and E2B and 26B-A4B have not been rerun. MLX's
+    layers stay the default until a GPU run of all three shows the memory bounded and no model slower."""
     return os.environ.get(PATH_ENV, "mlx") != "mlx"
 
 
@@ -125,4 +125,6 @@ def use_kernel_layers(model: nn.Module) -> nn.Module:
         if isinstance(module, MLP) and _fusable(module):
             module.__class__ = GegluMLP
             module.__dict__["plans"] = {}
+        if hasattr(module, "paced_from"):  # the decoder stacks (model/text.py: TextModel)
+            module.paced_from = dequantizes_from(path, on)
     return model

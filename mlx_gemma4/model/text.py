@@ -116,6 +116,7 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, spec) for spec in config.layers]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.paced_from = math.inf  # inputs this long run one layer ahead at most (see _one_layer_ahead)
         if config.has_ple:
             n, d = config.num_hidden_layers, config.hidden_size_per_layer_input
             self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, n * d)
@@ -155,6 +156,7 @@ class TextModel(nn.Module):
         offset = cache[0].offset
         masks = self._masks(cache, length, vision_blocks)
         kv = {}
+        ahead = None
         for spec, layer in zip(config.layers, self.layers):
             if spec.index == config.first_kv_shared_layer and 0 < logits_to_keep < h.shape[1]:
                 # KV-shared layers write no cache, so only the positions whose logits are wanted matter.
@@ -170,6 +172,8 @@ class TextModel(nn.Module):
                 shared_kv=kv[spec.kv_source] if not spec.owns_kv else None,
                 per_layer_input=per_layer[:, :, spec.index] if per_layer is not None else None,
             )
+            if length >= self.paced_from:
+                ahead = _one_layer_ahead(h, ahead)
         return self.norm(h)
 
     def _masks(self, cache: list, length: int, vision_blocks: Optional[np.ndarray] = None) -> dict:
@@ -193,6 +197,18 @@ class TextModel(nn.Module):
                     blocks,
                 )
         return masks
+
+
+def _one_layer_ahead(h: mx.array, previous: Optional[mx.array]) -> mx.array:
+    """Queue this layer's output, then wait for the previous layer's: the GPU always has the next layer
+    queued and the host gets no further ahead. Prefill on dequantized weights needs it: MLX frees an op's
+    temporaries (a 31B layer's dequantized weights, ~1 GB) only once the GPU has run it, and lets the
+    host queue up to 10 command buffers of up to 100 ops or 1 GB each on an H100, so 31B pp512 with our
+    layers peaked 13.5 GB above mlx-lm's (benchmarks/results/2026-11-23-h100-4bit-31b-our-qmm-layers.md)."""
+    mx.async_eval(h)
+    if previous is not None:
+        mx.eval(previous)
+    return h
 
 
 class Model(nn.Module):

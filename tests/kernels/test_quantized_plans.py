@@ -3,6 +3,8 @@
 The GEMV plans run on the CPU emulator: the kernel object a plan holds is swapped for a launcher that
 emulates the Metal body, so a layer call goes through exactly the plan a GPU would use."""
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -12,6 +14,7 @@ import metal_emu
 from mlx_gemma4.kernels import ENV
 from mlx_gemma4.kernels import quantized_matmul as qmm
 from benchmarks.pair import reduced_preset
+from mlx_gemma4.model import text
 from mlx_gemma4.model.layers import MLP
 from mlx_gemma4.model.quantized_linear import GegluMLP, QuantizedLinear, use_kernel_layers
 from mlx_gemma4.presets import random_model
@@ -134,3 +137,28 @@ def test_mlps_of_a_model_become_fused(monkeypatch):
     model = random_model(reduced_preset("E2B", layers=2, vocab=512), bits=4, dtype=mx.float32)
     mlps = [m for _, m in model.named_modules() if isinstance(m, MLP)]
     assert mlps and all(type(m) is GegluMLP for m in mlps)
+
+
+def test_paced_from_follows_the_tables_dequantize_rules():
+    assert qmm.dequantizes_from("auto", "cuda") == min(r[0] for r in qmm.DISPATCH["cuda"] if r[3] == "dequantize")
+    assert qmm.dequantizes_from("auto", "metal") == qmm.dequantizes_from("gemv", "cuda") == math.inf
+    assert qmm.dequantizes_from("dequantize", "reference") == 1
+
+
+def test_prefill_on_dequantized_weights_runs_one_layer_ahead(monkeypatch):
+    """With our layers dequantizing, inputs from that many rows wait for each layer's predecessor
+    (model/text.py _one_layer_ahead), with the same logits; MLX's layers are never paced."""
+    monkeypatch.setenv(qmm.PATH_ENV, "mlx")
+    assert random_model(reduced_preset("E2B", layers=2, vocab=512), bits=4).model.paced_from == math.inf
+    monkeypatch.setenv(qmm.PATH_ENV, "dequantize")
+    model = random_model(reduced_preset("E2B", layers=3, vocab=512), bits=4, dtype=mx.float32)
+    assert model.model.paced_from == 1
+    waits = []
+    real = text._one_layer_ahead
+    monkeypatch.setattr(text, "_one_layer_ahead", lambda h, previous: waits.append(previous is None) or real(h, previous))
+    tokens = mx.array([[5, 9, 2, 7, 3, 8]])
+    paced = model(tokens, cache=model.make_cache())
+    assert waits == [True, False, False]  # every layer, each after the first waiting for the one before
+    model.model.paced_from = math.inf
+    assert mx.array_equal(paced, model(tokens, cache=model.make_cache())).item()
+    assert len(waits) == 3
