@@ -172,7 +172,7 @@ class TextModel(nn.Module):
                 shared_kv=kv[spec.kv_source] if not spec.owns_kv else None,
                 per_layer_input=per_layer[:, :, spec.index] if per_layer is not None else None,
             )
-            if length >= self.paced_from:
+            if h.shape[0] * h.shape[1] >= self.paced_from:  # rows, as the matmul dispatch counts them
                 ahead = _one_layer_ahead(h, ahead)
         return self.norm(h)
 
