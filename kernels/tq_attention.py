@@ -15,10 +15,12 @@ kv head, chunk of keys); it first rotates its kv head's G queries in threadgroup
 butterflies), then lane l holds the D/32 consecutive rotated coordinates l·D/32.. of its heads'
 queries and outputs and reads exactly those bits of each packed row (coalesced; the two codebooks
 sit in threadgroup memory); an online softmax keeps (m, l, o') per simdgroup. `tq_attention_combine`
-merges the partials as decode_attention's combine pass does and applies R_vᵀ in threadgroup memory.
-A decode step is thus two kernel calls and no MLX arithmetic: on a GPU the step is host-bound and
-every MLX op costs microseconds (benchmarks/kv_quant_step_ops.py counts them). Prefill (L > 1) and
-the CPU take the reference, which dequantizes the rotated keys and values a tile at a time.
+merges the partials as decode_attention's combine pass does and applies R_vᵀ in threadgroup memory;
+with a full-precision recent window (`Recent`) it also attends those few keys itself, one more partial.
+A decode step is thus two kernel calls and no MLX arithmetic, with or without the window: on a GPU
+the step is host-bound and every MLX op costs microseconds (benchmarks/kv_quant_step_ops.py counts
+them). Prefill (L > 1) and the CPU take the reference, which dequantizes the rotated keys and values
+a tile at a time.
 """
 
 from functools import lru_cache
@@ -204,9 +206,13 @@ partial_kernel = Kernel(
 )
 
 COMBINE = r"""
-    // Template: T (output dtype), D, NT (threads per threadgroup), MAX_P (most partials a row), RECENT.
+    // Template: T (output dtype), D, G, NT (threads per threadgroup), MAX_P (most partials a row), RECENT.
     // decode_attention's combine, then out = R_vᵀ·o' = diag(s)·H·o' / √D through threadgroup memory.
-    // With RECENT, one more partial (r_m, r_l, r_o) in the original basis: the full-precision recent keys.
+    // With RECENT, the full-precision recent keys r_k, r_v [B, HKV, R, D] (the original basis) are attended
+    // here too: simdgroup j takes keys j, j + NT/32, .. with an online softmax of its own, and its (m, l, o)
+    // joins the merge as one more partial. Visibility: the last query row of r_mask [B|1, 1, L, R].
+    constexpr int NS = NT / 32;  // simdgroups
+    constexpr int N = D / 32;    // lane l holds coordinates l, l + 32, .. of the recent query and output
     const uint t = thread_index_in_threadgroup;
     const uint lane = thread_index_in_simdgroup;
     const uint sg = simdgroup_index_in_threadgroup;
@@ -214,8 +220,55 @@ COMBINE = r"""
     const int parts = ml_shape[1];
     const size_t first = size_t(row) * parts;
     threadgroup float weight[MAX_P];
-    threadgroup float across[NT / 32];
+    threadgroup float across[NS];
     threadgroup float o[D];
+    threadgroup float recent_ml[2 * NS];  // each simdgroup's recent (m, l), m in natural units
+    threadgroup float recent_o[RECENT ? NS * D : 1];
+
+    if (RECENT) {
+        const int HQ = q_shape[1];
+        const uint b = row / HQ;
+        const uint head = row % HQ;
+        const size_t q_at = b * q_strides[0] + head * q_strides[1];
+        const size_t k_at = b * r_k_strides[0] + (head / G) * r_k_strides[1];
+        const size_t v_at = b * r_v_strides[0] + (head / G) * r_v_strides[1];
+        const size_t mask_at = (r_mask_shape[0] > 1 ? b * r_mask_strides[0] : 0) + (r_mask_shape[2] - 1) * r_mask_strides[2];
+        const float q_factor = q_scale[0] * 1.44269504f;  // scores in log2 units, as the partial pass's
+        float qs[N];
+        float acc[N];
+        for (int c = 0; c < N; c++) {
+            qs[c] = static_cast<float>(q[q_at + (c * 32 + lane) * q_strides[3]]) * q_factor;
+            acc[c] = 0.0f;
+        }
+        float rm = -1e30f;
+        float rl = 0.0f;
+        for (int key = sg; key < r_k_shape[2]; key += NS) {  // uniform over the simdgroup: simd_sum is safe
+            if (!r_mask[mask_at + key * r_mask_strides[3]]) {
+                continue;
+            }
+            float s = 0.0f;
+            for (int c = 0; c < N; c++) {
+                s += qs[c] * static_cast<float>(r_k[k_at + key * r_k_strides[2] + (c * 32 + lane) * r_k_strides[3]]);
+            }
+            s = simd_sum(s);
+            const float m_new = metal::max(rm, s);
+            const float rescale = metal::exp2(rm - m_new);
+            const float p = metal::exp2(s - m_new);
+            rm = m_new;
+            rl = rl * rescale + p;
+            for (int c = 0; c < N; c++) {
+                const float x = static_cast<float>(r_v[v_at + key * r_v_strides[2] + (c * 32 + lane) * r_v_strides[3]]);
+                acc[c] = acc[c] * rescale + p * x;
+            }
+        }
+        for (int c = 0; c < N; c++) {
+            recent_o[sg * D + c * 32 + lane] = acc[c];
+        }
+        if (lane == 0) {
+            recent_ml[2 * sg] = rm * 0.693147181f;  // ln 2
+            recent_ml[2 * sg + 1] = rl;
+        }
+    }
 
     float m = -1e30f;  // the partial pass's floor
     for (int p = t; p < parts; p += NT) {
@@ -225,13 +278,15 @@ COMBINE = r"""
     if (lane == 0) {
         across[sg] = m;
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // also publishes recent_ml and recent_o
     float m_all = across[0];
-    for (int i = 1; i < NT / 32; i++) {
+    for (int i = 1; i < NS; i++) {
         m_all = metal::max(m_all, across[i]);
     }
     if (RECENT) {
-        m_all = metal::max(m_all, r_m[row]);
+        for (int i = 0; i < NS; i++) {
+            m_all = metal::max(m_all, recent_ml[2 * i]);
+        }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);  // every thread has read `across` before its reuse
 
@@ -247,12 +302,15 @@ COMBINE = r"""
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     float l_all = 0.0f;
-    for (int i = 0; i < NT / 32; i++) {
+    for (int i = 0; i < NS; i++) {
         l_all += across[i];
     }
-    const float w_recent = RECENT ? metal::exp(r_m[row] - m_all) : 0.0f;
+    float w_recent[NS];  // each simdgroup's recent partial in the merge
     if (RECENT) {
-        l_all += w_recent * r_l[row];
+        for (int i = 0; i < NS; i++) {
+            w_recent[i] = metal::exp(recent_ml[2 * i] - m_all);
+            l_all += w_recent[i] * recent_ml[2 * i + 1];
+        }
     }
 
     for (int d = t; d < D; d += NT) {
@@ -277,7 +335,9 @@ COMBINE = r"""
     for (int d = t; d < D; d += NT) {
         float x = o[d] * factor * v_sign[d];
         if (RECENT) {
-            x += w_recent * r_o[size_t(row) * D + d];
+            for (int i = 0; i < NS; i++) {
+                x += w_recent[i] * recent_o[i * D + d];
+            }
         }
         out[size_t(row) * D + d] = static_cast<T>(l_all > 0.0f ? x / l_all : 0.0f);
     }
@@ -286,8 +346,9 @@ COMBINE = r"""
 combine_kernel = Kernel(
     name="tq_attention_combine",
     source=COMBINE,
-    inputs=["o_part", "ml", "v_sign", "inv_sqrt_dim", "r_m", "r_l", "r_o"],
+    inputs=["o_part", "ml", "v_sign", "inv_sqrt_dim", "q", "q_scale", "r_k", "r_v", "r_mask"],
     outputs=["out"],
+    row_contiguous=False,  # the queries and the recent window through their strides; the rest is contiguous
 )
 
 Mask = Union[None, str, mx.array]
@@ -409,7 +470,7 @@ def plan(queries, k_rows, k_codec, v_codec, mask: Mask, recent: Optional[Recent]
         if supports(queries, k_rows, k_codec, v_codec, mask):
             masked = isinstance(mask, mx.array) or recent is not None
             group = queries.shape[1] // k_rows.shape[1]
-            config = (on, queries.dtype, queries.shape[3], group, k_codec.bits, v_codec.bits, masked)
+            config = (on, queries.dtype, queries.shape[3], group, k_codec.bits, v_codec.bits, masked, recent is not None)
             if not usable(("tq_attention", *config), lambda: _probe(*config)):
                 return None  # `usable` keeps this verdict, not the plans
             batch, n_heads, _, dim = queries.shape
@@ -422,7 +483,7 @@ def plan(queries, k_rows, k_codec, v_codec, mask: Mask, recent: Optional[Recent]
 def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0,
            mask: Optional[mx.array] = None, recent: Optional[Recent] = None) -> mx.array:
     """The kernel path: both passes through `launch` (they rotate q and the output); the recent window,
-    when there is one, is attended in MLX ops and joins the combine pass as one more partial.
+    when there is one, is attended inside the combine pass (no MLX ops).
 
     `mask` covers the packed keys only (the recent window's packed copies hidden already)."""
     batch, n_heads, _, dim = queries.shape
@@ -452,13 +513,14 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
         ("MASKED", masked),
     ]
     combine = dict(
-        template=[("T", dtype), ("D", dim), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS), ("RECENT", with_recent)],
+        template=[("T", dtype), ("D", dim), ("G", group), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS),
+                  ("RECENT", with_recent)],
         grid=(COMBINE_THREADS, batch * n_heads, 1),
         threadgroup=(COMBINE_THREADS, 1, 1),
         output_shapes=[(batch, n_heads, 1, dim)],
         output_dtypes=[dtype],
     )
-    no_recent = (_float(0.0),) * 3
+    no_recent = (_float(0.0), _float(0.0), _float(0.0), _float(0.0), _constant(False))  # never read
 
     def run(queries, k_rows, v_rows, k_codec, v_codec, scale: float, mask: Optional[mx.array], recent):
         length = k_rows.shape[2]
@@ -483,9 +545,8 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
             output_shapes=[(batch * n_heads, chunks * splits, dim), (batch * n_heads, chunks * splits, 2)],
             output_dtypes=[mx.float32, mx.float32],
         )
-        r_m, r_l, r_o = no_recent if recent is None else _recent_partial(queries, recent, scale)
-        (out,) = launch(combine_kernel, inputs=[o_part, ml, v_codec.sign, _float(1 / dim**0.5), r_m, r_l, r_o],
-                        **combine)
+        window = no_recent if recent is None else (queries, _float(scale), recent.keys, recent.values, recent.mask)
+        (out,) = launch(combine_kernel, inputs=[o_part, ml, v_codec.sign, _float(1 / dim**0.5), *window], **combine)
         return out
 
     return run
@@ -498,40 +559,32 @@ def _float(value: float) -> mx.array:
     return mx.array([value], mx.float32)
 
 
-def _recent_partial(queries, recent: Recent, scale: float) -> tuple:
-    """(m, l, o) of the newest query over the full-precision recent keys (at most the window), in MLX
-    ops and the original basis: the combine pass merges it with the packed keys' partials."""
-    batch, n_heads, _, dim = queries.shape
-    n_kv = recent.keys.shape[1]
-    q = (queries.astype(mx.float32) * scale).reshape(batch, n_kv, n_heads // n_kv, 1, dim)
-    scores = q @ recent.keys.astype(mx.float32)[:, :, None].swapaxes(-1, -2)
-    visible = recent.mask[..., -1:, :][:, :, None]
-    scores = mx.where(visible, scores, FLOOR)
-    m = mx.max(scores, axis=-1, keepdims=True)
-    p = mx.where(visible, mx.exp(scores - m), 0.0)  # no visible key: l = 0, o = 0
-    o = p @ recent.values.astype(mx.float32)[:, :, None]
-    return m, mx.sum(p, axis=-1), o
-
-
 TOLERANCE = 1e-4  # max abs error against the reference on the same codes, float32 outputs ~N(0, 1)
 ROUNDED_TOLERANCE = 3e-2  # the same with bfloat16/float16 queries: both outputs rounded to that dtype
 
 
-def _probe(on: str, dtype, dim: int, group: int, k_bits: int, v_bits: int, masked: bool) -> Optional[str]:
+def _probe(on: str, dtype, dim: int, group: int, k_bits: int, v_bits: int, masked: bool,
+           with_recent: bool) -> Optional[str]:
     """Run one small case of this configuration on the device; None when it matches the reference."""
     from ..turboquant.codec import TurboQuantCodec
 
     k_codec, v_codec = TurboQuantCodec(dim, k_bits, 0), TurboQuantCodec(dim, v_bits, 1)
-    batch, length = 2, 3 * MIN_CHUNK + 5
-    keys = mx.random.split(mx.random.key(0), 3)
+    batch, length, window = 2, 3 * MIN_CHUNK + 5, 16
+    keys = mx.random.split(mx.random.key(0), 5)
     q = mx.random.normal((batch, group, 1, dim), key=keys[0]).astype(dtype)
     k = k_codec.encode(mx.random.normal((batch, 1, length, dim), key=keys[1]))
     v = v_codec.encode(mx.random.normal((batch, 1, length, dim), key=keys[2]))
-    mask = mx.arange(length)[None] >= mx.array([[0], [7]]) if masked else None
+    mask = (mx.arange(length)[None] >= mx.array([[0], [7]]))[:, None, None] if masked else None
+    recent = None
+    if with_recent:  # the newest keys in full precision, the second row missing its oldest 3
+        recent = Recent(mx.random.normal((batch, 1, window, dim), key=keys[3]).astype(dtype),
+                        mx.random.normal((batch, 1, window, dim), key=keys[4]).astype(dtype),
+                        packed_mask=(mx.arange(length) < length - window)[None, None, None],
+                        mask=(mx.arange(window)[None] >= mx.array([[0], [3]]))[:, None, None])
     scale = dim**-0.5
-    got = attend(launcher(on), q, k, v, k_codec, v_codec, scale, mask)
+    got = attend(launcher(on), q, k, v, k_codec, v_codec, scale, _packed_mask(mask, recent, 1, length), recent)
     with mx.stream(mx.cpu):  # MLX's CUDA float32 matmuls round through TF32, past TOLERANCE
-        want = reference(q, k, v, k_codec, v_codec, scale, None if mask is None else mask[:, None, None])
+        want = reference(q, k, v, k_codec, v_codec, scale, mask, recent)
     error = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
     tolerance = TOLERANCE if dtype == mx.float32 else ROUNDED_TOLERANCE
     return None if error <= tolerance else f"max error {error:.3g} > {tolerance}"

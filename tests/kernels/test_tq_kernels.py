@@ -132,31 +132,37 @@ def test_cache_views_are_read_through_strides():
     assert mx.abs(got - want).max().item() <= tq_attention.TOLERANCE
 
 
-def recent_case(padding, loud=1.0):
-    """The newest 24 keys read in full precision (their packed copies hidden), `loud` times longer."""
-    q, k, v, k_codec, v_codec, mask = attention_case(256, 4, 4, 3, 170, padding)
+def recent_case(padding, loud=1.0, rows=1, dtype=mx.float32):
+    """The newest 24 keys read in full precision (their packed copies hidden), `loud` times longer; the
+    recent mask's `rows - 1` earlier query rows see exactly what the last one does not."""
+    q, k, v, k_codec, v_codec, mask = attention_case(256, 4, 4, 3, 170, padding, dtype)
     window, length = 24, 170
     keys = mx.random.split(mx.random.key(9), 2)
+    visible = (mx.arange(window) >= mx.array([0, 5])[:, None])[:, None, None]
     recent = tq_attention.Recent(
-        mx.random.normal((2, 2, window, 256), key=keys[0]) * loud,
-        mx.random.normal((2, 2, window, 256), key=keys[1]),
+        (mx.random.normal((2, 2, window, 256), key=keys[0]) * loud).astype(dtype),
+        mx.random.normal((2, 2, window, 256), key=keys[1]).astype(dtype),
         packed_mask=(mx.arange(length) < length - window)[None, None, None],
-        mask=(mx.arange(window) >= mx.array([0, 5])[:, None])[:, None, None],
+        mask=mx.concatenate([mx.repeat(~visible, rows - 1, axis=2), visible], axis=2),
     )
     return q, k, v, k_codec, v_codec, mask, recent
 
 
-def recent_error(case, launch=metal_emu.run):
+def recent_error(case, launch=metal_emu.run, scale=1.0, kernel_recent=None):
+    """The kernel's output and its max error against the reference (in float64 for float32 queries: at
+    loud scores the float32 reference's own rounding nears TOLERANCE); `kernel_recent` hands the kernel
+    the same window in another layout."""
     q, k, v, k_codec, v_codec, mask, recent = case
     packed = mask[:, None, None] & recent.packed_mask
-    got = tq_attention.attend(launch, q, k, v, k_codec, v_codec, 1.0, packed, recent)
-    want = tq_attention.reference(q, k, v, k_codec, v_codec, 1.0, mask[:, None, None], recent)
-    return got, mx.abs(got - want).max().item()
+    got = tq_attention.attend(launch, q, k, v, k_codec, v_codec, scale, packed, kernel_recent or recent)
+    exact = q.astype(mx.float64) if q.dtype == mx.float32 else q
+    want = tq_attention.reference(exact, k, v, k_codec, v_codec, scale, mask[:, None, None], recent)
+    return got, mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
 
 
 @pytest.mark.parametrize("padding", [(0, 0), (0, 150)], ids=["full", "a row with only recent keys"])
 def test_recent_window_merges_with_the_packed_keys(padding):
-    """The recent window joins the combine pass as one more partial (log-sum-exp merge)."""
+    """The combine pass attends the recent window itself and merges it as more partials (log-sum-exp)."""
     case = recent_case(padding)
     q, k, v, k_codec, v_codec, mask, recent = case
     got, error = recent_error(case)
@@ -171,20 +177,56 @@ def test_recent_window_merges_with_the_packed_keys(padding):
     assert mx.abs(got - plain).max().item() <= tq_attention.TOLERANCE
 
 
-RECENT_BUGS = {  # (old, new, how much longer the recent keys are)
-    "recent output without its weight": ("x += w_recent * r_o", "x += r_o", 1.0),
-    "recent sum left out of the normalizer": ("l_all += w_recent * r_l[row];", "", 1.0),
+def test_recent_window_absent_or_alone_in_a_row_read_through_strides():
+    """Row 0 sees no recent key (only packed ones), row 1 only recent keys; the kernel reads the recent
+    keys in [B, R, HKV, D] memory, the values in [B, HKV, D, R] and the mask every other element,
+    and the mask's last query row decides."""
+    q, k, v, k_codec, v_codec, mask, recent = recent_case((0, 150), rows=3)
+    visible = np.array(recent.mask)
+    visible[0, :, -1] = False
+    recent = recent._replace(mask=mx.array(visible))
+    assert not (mask[1] & recent.packed_mask).any().item() and visible[1, :, -1].any()
+    keys_t = np.ascontiguousarray(np.array(recent.keys).transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    values_t = np.ascontiguousarray(np.array(recent.values).transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    spread = np.zeros((2, 1, 3, 48), np.bool_)
+    spread[..., ::2] = visible
+    strided = recent._replace(keys=keys_t, values=values_t, mask=spread[..., ::2])
+    _, error = recent_error((q, k, v, k_codec, v_codec, mask, recent), kernel_recent=strided, scale=0.1)
+    assert error <= tq_attention.TOLERANCE
+
+
+def test_recent_window_in_bfloat16():
+    """The model's dtypes: bfloat16 queries and recent keys/values, a bfloat16 output."""
+    got, error = recent_error(recent_case((0, 5), dtype=mx.bfloat16), scale=0.1)
+    assert got.dtype == mx.bfloat16 and error <= tq_attention.ROUNDED_TOLERANCE
+
+
+RECENT_BUGS = {  # (old, new, how much longer the recent keys are, scale, recent mask rows)
+    "recent output without its weight": ("x += w_recent[i] * recent_o[i * D + d];", "x += recent_o[i * D + d];", 1.0,
+                                         1.0, 1),
+    "recent sum left out of the normalizer": ("l_all += w_recent[i] * recent_ml[2 * i + 1];", "", 1.0, 1.0, 1),
     # harmless until the recent scores exceed the packed ones by ~88 (exp overflows): 10x keys, ~100
-    "recent max left out": ("m_all = metal::max(m_all, r_m[row]);", "", 10.0),
+    "recent max left out": ("m_all = metal::max(m_all, recent_ml[2 * i]);", "", 10.0, 1.0, 1),
+    "recent scores without the scale": ("q_scale[0] * 1.44269504f", "1.44269504f", 1.0, 0.1, 1),
+    "recent scores in natural units": ("q_scale[0] * 1.44269504f", "q_scale[0]", 1.0, 1.0, 1),
+    "recent m written in log2 units": ("recent_ml[2 * sg] = rm * 0.693147181f;", "recent_ml[2 * sg] = rm;", 1.0, 1.0,
+                                       1),
+    "a masked recent key counted": ("if (!r_mask[", "if (false && !r_mask[", 1.0, 1.0, 1),
+    "the first query row's visibility read": ("(r_mask_shape[2] - 1) * r_mask_strides[2]", "0", 1.0, 1.0, 3),
+    "every head reads kv head 0's recent keys": ("(head / G) * r_k_strides[1]", "0", 1.0, 1.0, 1),
+    "recent partial not rescaled": ("acc[c] = acc[c] * rescale + p * x;", "acc[c] = acc[c] + p * x;", 1.0, 1.0, 1),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", RECENT_BUGS)
-def test_planted_recent_merge_bugs_are_caught(bug):
-    old, new, loud = RECENT_BUGS[bug]
+def test_planted_recent_bugs_are_caught(bug):
+    old, new, loud, scale, rows = RECENT_BUGS[bug]
     broken = mutant(tq_attention.combine_kernel, old, new)
-    _, error = recent_error(recent_case((0, 0), loud), functools.partial(_seeded_swap, broken, seed=1))
+    case = recent_case((0, 0), loud, rows)
+    # unbroken, the case passes (the 10x keys' scores, std ~160, cost float32 ~1.2e-4 of exp's argument)
+    assert recent_error(case, scale=scale)[1] <= loud * tq_attention.TOLERANCE
+    _, error = recent_error(case, functools.partial(_seeded_swap, broken, seed=1), scale)
     assert not error <= 100 * tq_attention.TOLERANCE  # NaN counts as caught
 
 
