@@ -41,7 +41,9 @@ from .decode_attention import (
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
 PARTIAL = r"""
-    // Template: T (query dtype), D, G, HPS, NK, BK, KB, VB (key and value bits), MASKED.
+    // Template: T (query dtype), D, G, HPS, NK, BK, KB, VB (key and value bits), MASKED, HIDDEN.
+    // MASKED: mask [B|1, S] says which keys the query sees; HIDDEN: so does the last query row of
+    // hidden [B|1, 1, L, S] (Recent.packed_mask: the packed copies of the recent window are hidden).
     constexpr int NH = G / HPS;
     constexpr int N = D / 32;       // lane l holds rotated coordinates l * N .. l * N + N - 1
     constexpr int WK = KB == 4 ? D / 8 : (KB == 2 ? D / 16 : D / 16 + D / 32);  // words before the norm
@@ -118,13 +120,15 @@ PARTIAL = r"""
     const size_t k_head = b * k_strides[0] + kvh * k_strides[1];
     const size_t v_head = b * v_strides[0] + kvh * v_strides[1];
     const size_t mask_row = mask_shape[0] > 1 ? b * mask_strides[0] : 0;
+    const size_t hidden_row = (hidden_shape[0] > 1 ? b * hidden_strides[0] : 0) + (hidden_shape[2] - 1) * hidden_strides[2];
     for (int first = begin + split * BK; first < end; first += NK * BK) {
         float s[BK][HPS];
         bool valid[BK];
 #pragma unroll
         for (int t = 0; t < BK; t++) {
             const int key = metal::min(first + t, end - 1);
-            valid[t] = first + t < end && (!MASKED || mask[mask_row + key * mask_strides[1]]);
+            valid[t] = first + t < end && (!MASKED || mask[mask_row + key * mask_strides[1]]) &&
+                       (!HIDDEN || hidden[hidden_row + key * hidden_strides[3]]);
             const size_t row = k_head + key * k_strides[2];
             for (int h = 0; h < HPS; h++) {
                 s[t][h] = 0.0f;
@@ -200,7 +204,7 @@ PARTIAL = r"""
 partial_kernel = Kernel(
     name="tq_attention_partial",
     source=PARTIAL,
-    inputs=["q", "q_sign", "q_scale", "k", "k_norm", "v", "v_norm", "mask", "k_lut", "v_lut"],
+    inputs=["q", "q_sign", "q_scale", "k", "k_norm", "v", "v_norm", "mask", "hidden", "k_lut", "v_lut"],
     outputs=["o_part", "ml"],
     row_contiguous=False,
 )
@@ -448,7 +452,6 @@ def tq_attention(queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0, 
     if run is None:
         return reference(queries, k_rows, v_rows, k_codec, v_codec, scale, mask, recent)
     decode_mask = mask if isinstance(mask, mx.array) else None  # a lone newest query: "causal" is no mask
-    decode_mask = _packed_mask(decode_mask, recent, 1, k_rows.shape[2])
     return run(queries, k_rows, v_rows, k_codec, v_codec, scale, decode_mask, recent)
 
 
@@ -458,7 +461,7 @@ _plans: dict = {}
 
 def plan(queries, k_rows, k_codec, v_codec, mask: Mask, recent: Optional[Recent]):
     """The kernel call for inputs like these on this backend, run(queries, k_rows, v_rows, k_codec, v_codec,
-    scale, packed mask, recent), or None where the reference serves; probes a new configuration."""
+    scale, mask array or None, recent), or None where the reference serves; probes a new configuration."""
     on = backend()
     if on == "reference":
         return None
@@ -468,7 +471,7 @@ def plan(queries, k_rows, k_codec, v_codec, mask: Mask, recent: Optional[Recent]
     if run is False:
         run = None
         if supports(queries, k_rows, k_codec, v_codec, mask):
-            masked = isinstance(mask, mx.array) or recent is not None
+            masked = isinstance(mask, mx.array)
             group = queries.shape[1] // k_rows.shape[1]
             config = (on, queries.dtype, queries.shape[3], group, k_codec.bits, v_codec.bits, masked, recent is not None)
             if not usable(("tq_attention", *config), lambda: _probe(*config)):
@@ -485,7 +488,8 @@ def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: f
     """The kernel path: both passes through `launch` (they rotate q and the output); the recent window,
     when there is one, is attended inside the combine pass (no MLX ops).
 
-    `mask` covers the packed keys only (the recent window's packed copies hidden already)."""
+    `mask` [B|1, 1, 1, S] or None is the model's over the packed keys; the kernel hides the recent window's
+    packed copies itself (`recent.packed_mask`)."""
     batch, n_heads, _, dim = queries.shape
     run = _launches(launch, batch, n_heads, k_rows.shape[1], dim, queries.dtype, k_codec.bits, v_codec.bits,
                     mask is not None, recent is not None)
@@ -511,6 +515,7 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
         ("KB", k_bits),
         ("VB", v_bits),
         ("MASKED", masked),
+        ("HIDDEN", with_recent),
     ]
     combine = dict(
         template=[("T", dtype), ("D", dim), ("G", group), ("NT", COMBINE_THREADS), ("MAX_P", MAX_PARTIALS),
@@ -521,6 +526,7 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
         output_dtypes=[dtype],
     )
     no_recent = (_float(0.0), _float(0.0), _float(0.0), _float(0.0), _constant(False))  # never read
+    no_hidden = mx.ones((1, 1, 1, 1), mx.bool_)  # never read either
 
     def run(queries, k_rows, v_rows, k_codec, v_codec, scale: float, mask: Optional[mx.array], recent):
         length = k_rows.shape[2]
@@ -536,6 +542,7 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
                 v_rows,
                 v_rows.view(mx.float32),
                 _constant(False) if mask is None else mask.reshape(-1, length),
+                no_hidden if recent is None else recent.packed_mask,
                 k_codec.centroids,
                 v_codec.centroids,
             ],
@@ -582,7 +589,7 @@ def _probe(on: str, dtype, dim: int, group: int, k_bits: int, v_bits: int, maske
                         packed_mask=(mx.arange(length) < length - window)[None, None, None],
                         mask=(mx.arange(window)[None] >= mx.array([[0], [3]]))[:, None, None])
     scale = dim**-0.5
-    got = attend(launcher(on), q, k, v, k_codec, v_codec, scale, _packed_mask(mask, recent, 1, length), recent)
+    got = attend(launcher(on), q, k, v, k_codec, v_codec, scale, mask, recent)
     with mx.stream(mx.cpu):  # MLX's CUDA float32 matmuls round through TF32, past TOLERANCE
         want = reference(q, k, v, k_codec, v_codec, scale, mask, recent)
     error = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()

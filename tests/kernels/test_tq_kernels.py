@@ -134,16 +134,18 @@ def test_cache_views_are_read_through_strides():
 
 def recent_case(padding, loud=1.0, rows=1, dtype=mx.float32):
     """The newest 24 keys read in full precision (their packed copies hidden), `loud` times longer; the
-    recent mask's `rows - 1` earlier query rows see exactly what the last one does not."""
+    masks' `rows - 1` earlier query rows see exactly what the last one does not."""
     q, k, v, k_codec, v_codec, mask = attention_case(256, 4, 4, 3, 170, padding, dtype)
     window, length = 24, 170
     keys = mx.random.split(mx.random.key(9), 2)
     visible = (mx.arange(window) >= mx.array([0, 5])[:, None])[:, None, None]
+    older = (mx.arange(length) < length - window)[None, None, None]
+    last_row = lambda x: mx.concatenate([mx.repeat(~x, rows - 1, axis=2), x], axis=2)  # noqa: E731
     recent = tq_attention.Recent(
         (mx.random.normal((2, 2, window, 256), key=keys[0]) * loud).astype(dtype),
         mx.random.normal((2, 2, window, 256), key=keys[1]).astype(dtype),
-        packed_mask=(mx.arange(length) < length - window)[None, None, None],
-        mask=mx.concatenate([mx.repeat(~visible, rows - 1, axis=2), visible], axis=2),
+        packed_mask=last_row(older),
+        mask=last_row(visible),
     )
     return q, k, v, k_codec, v_codec, mask, recent
 
@@ -153,8 +155,7 @@ def recent_error(case, launch=metal_emu.run, scale=1.0, kernel_recent=None):
     loud scores the float32 reference's own rounding nears TOLERANCE); `kernel_recent` hands the kernel
     the same window in another layout."""
     q, k, v, k_codec, v_codec, mask, recent = case
-    packed = mask[:, None, None] & recent.packed_mask
-    got = tq_attention.attend(launch, q, k, v, k_codec, v_codec, scale, packed, kernel_recent or recent)
+    got = tq_attention.attend(launch, q, k, v, k_codec, v_codec, scale, mask, kernel_recent or recent)
     exact = q.astype(mx.float64) if q.dtype == mx.float32 else q
     want = tq_attention.reference(exact, k, v, k_codec, v_codec, scale, mask[:, None, None], recent)
     return got, mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
@@ -179,18 +180,20 @@ def test_recent_window_merges_with_the_packed_keys(padding):
 
 def test_recent_window_absent_or_alone_in_a_row_read_through_strides():
     """Row 0 sees no recent key (only packed ones), row 1 only recent keys; the kernel reads the recent
-    keys in [B, R, HKV, D] memory, the values in [B, HKV, D, R] and the mask every other element,
-    and the mask's last query row decides."""
+    keys in [B, R, HKV, D] memory, the values in [B, HKV, D, R] and the masks every other element,
+    and the masks' last query rows decide."""
     q, k, v, k_codec, v_codec, mask, recent = recent_case((0, 150), rows=3)
     visible = np.array(recent.mask)
     visible[0, :, -1] = False
     recent = recent._replace(mask=mx.array(visible))
-    assert not (mask[1] & recent.packed_mask).any().item() and visible[1, :, -1].any()
+    assert not (mask[1] & recent.packed_mask[..., -1, :]).any().item() and visible[1, :, -1].any()
     keys_t = np.ascontiguousarray(np.array(recent.keys).transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     values_t = np.ascontiguousarray(np.array(recent.values).transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     spread = np.zeros((2, 1, 3, 48), np.bool_)
     spread[..., ::2] = visible
-    strided = recent._replace(keys=keys_t, values=values_t, mask=spread[..., ::2])
+    hidden = np.zeros((1, 1, 3, 340), np.bool_)
+    hidden[..., ::2] = np.array(recent.packed_mask)
+    strided = recent._replace(keys=keys_t, values=values_t, mask=spread[..., ::2], packed_mask=hidden[..., ::2])
     _, error = recent_error((q, k, v, k_codec, v_codec, mask, recent), kernel_recent=strided, scale=0.1)
     assert error <= tq_attention.TOLERANCE
 
@@ -215,6 +218,8 @@ RECENT_BUGS = {  # (old, new, how much longer the recent keys are, scale, recent
     "the first query row's visibility read": ("(r_mask_shape[2] - 1) * r_mask_strides[2]", "0", 1.0, 1.0, 3),
     "every head reads kv head 0's recent keys": ("(head / G) * r_k_strides[1]", "0", 1.0, 1.0, 1),
     "recent partial not rescaled": ("acc[c] = acc[c] * rescale + p * x;", "acc[c] = acc[c] + p * x;", 1.0, 1.0, 1),
+    "packed copies of the recent keys not hidden": ("(!HIDDEN || hidden[", "(true || hidden[", 1.0, 1.0, 1),
+    "the first query row's hidden keys read": ("(hidden_shape[2] - 1) * hidden_strides[2]", "0", 1.0, 1.0, 3),
 }
 
 
@@ -222,7 +227,8 @@ RECENT_BUGS = {  # (old, new, how much longer the recent keys are, scale, recent
 @pytest.mark.parametrize("bug", RECENT_BUGS)
 def test_planted_recent_bugs_are_caught(bug):
     old, new, loud, scale, rows = RECENT_BUGS[bug]
-    broken = mutant(tq_attention.combine_kernel, old, new)
+    which = "partial" if "hidden" in old else "combine"
+    broken = mutant(getattr(tq_attention, f"{which}_kernel"), old, new)
     case = recent_case((0, 0), loud, rows)
     # unbroken, the case passes (the 10x keys' scores, std ~160, cost float32 ~1.2e-4 of exp's argument)
     assert recent_error(case, scale=scale)[1] <= loud * tq_attention.TOLERANCE

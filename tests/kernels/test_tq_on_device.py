@@ -73,21 +73,42 @@ def test_bf16_queries_as_the_model_passes_them(dim, group):
     assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= ROUNDED_TOLERANCE
 
 
-@pytest.mark.parametrize("length", [1, 4096, 131072])
-def test_decode_attention_with_a_recent_window_matches_reference(length):
-    """The newest 64 keys in full precision, merged with the kernel's packed partials."""
-    dim, group, n_kv, window = 512, 8, 2, 64
+def recent_case(length, dim, group, masked, dtype):
+    """Two sequences whose newest 64 keys are kept in full precision (their packed copies hidden); the
+    second misses its 5 oldest recent keys and, with `masked`, the packed keys before length // 3 (a
+    sliding layer's mask)."""
+    n_kv, window = 2, 64
     k_codec, v_codec = TurboQuantCodec(dim, 4, 1), TurboQuantCodec(dim, 4, 2)
     keys = mx.random.split(mx.random.key(length), 5)
-    q = mx.random.normal((1, n_kv * group, 1, dim), key=keys[0])
-    k = k_codec.encode(mx.random.normal((1, n_kv, length, dim), key=keys[1]).astype(mx.bfloat16))
-    v = v_codec.encode(mx.random.normal((1, n_kv, length, dim), key=keys[2]).astype(mx.bfloat16))
+    q = mx.random.normal((2, n_kv * group, 1, dim), key=keys[0]).astype(dtype)
+    k = k_codec.encode(mx.random.normal((2, n_kv, length, dim), key=keys[1]).astype(mx.bfloat16))
+    v = v_codec.encode(mx.random.normal((2, n_kv, length, dim), key=keys[2]).astype(mx.bfloat16))
     newest = min(window, length)
-    recent = Recent(mx.random.normal((1, n_kv, newest, dim), key=keys[3]),
-                    mx.random.normal((1, n_kv, newest, dim), key=keys[4]),
+    recent = Recent(mx.random.normal((2, n_kv, newest, dim), key=keys[3]).astype(dtype),
+                    mx.random.normal((2, n_kv, newest, dim), key=keys[4]).astype(dtype),
                     packed_mask=(mx.arange(length) < length - newest)[None, None, None],
-                    mask=mx.ones((1, 1, 1, newest), mx.bool_))
-    got = tq_attention(q, k, v, k_codec, v_codec, 1.0, None, recent)
+                    mask=(mx.arange(newest)[None] >= mx.array([[0], [5]]))[:, None, None])
+    mask = (mx.arange(length) >= length // 3)[None, None, None] if masked else None
+    return q, k, v, k_codec, v_codec, mask, recent
+
+
+@pytest.mark.parametrize("length", [1, 4096, 131072])
+@pytest.mark.parametrize("dim,group,masked", [(512, 8, False), (256, 8, True)], ids=["global", "sliding"])
+def test_decode_attention_with_a_recent_window_matches_reference(length, dim, group, masked):
+    """The recent window attended in the combine pass and merged with the packed partials (at length 1
+    the second sequence sees no key at all)."""
+    q, k, v, k_codec, v_codec, mask, recent = recent_case(length, dim, group, masked, mx.float32)
+    got = tq_attention(q, k, v, k_codec, v_codec, 1.0, mask, recent)
     with mx.stream(mx.cpu):  # in float64: at these scores (std ~22) the float32 reference is itself 1.2e-4 off
-        want = reference(q.astype(mx.float64), k, v, k_codec, v_codec, 1.0, None, recent)
+        want = reference(q.astype(mx.float64), k, v, k_codec, v_codec, 1.0, mask, recent)
     assert mx.abs(got - want).max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("dim,group", [(512, 8), (256, 2)])
+def test_recent_window_in_bf16_as_the_model_passes_it(dim, group):
+    q, k, v, k_codec, v_codec, mask, recent = recent_case(4096, dim, group, dim == 256, mx.bfloat16)
+    got = tq_attention(q, k, v, k_codec, v_codec, 1.0, mask, recent)
+    with mx.stream(mx.cpu):
+        want = reference(q, k, v, k_codec, v_codec, 1.0, mask, recent)
+    assert got.dtype == mx.bfloat16
+    assert mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item() <= ROUNDED_TOLERANCE
