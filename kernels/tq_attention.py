@@ -120,7 +120,8 @@ PARTIAL = r"""
     const size_t k_head = b * k_strides[0] + kvh * k_strides[1];
     const size_t v_head = b * v_strides[0] + kvh * v_strides[1];
     const size_t mask_row = mask_shape[0] > 1 ? b * mask_strides[0] : 0;
-    const size_t hidden_row = (hidden_shape[0] > 1 ? b * hidden_strides[0] : 0) + (hidden_shape[2] - 1) * hidden_strides[2];
+    const size_t hidden_row =
+        HIDDEN ? (hidden_shape[0] > 1 ? b * hidden_strides[0] : 0) + (hidden_shape[2] - 1) * hidden_strides[2] : 0;
     for (int first = begin + split * BK; first < end; first += NK * BK) {
         float s[BK][HPS];
         bool valid[BK];
@@ -526,7 +527,6 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
         output_dtypes=[dtype],
     )
     no_recent = (_float(0.0), _float(0.0), _float(0.0), _float(0.0), _constant(False))  # never read
-    no_hidden = mx.ones((1, 1, 1, 1), mx.bool_)  # never read either
 
     def run(queries, k_rows, v_rows, k_codec, v_codec, scale: float, mask: Optional[mx.array], recent):
         length = k_rows.shape[2]
@@ -542,7 +542,7 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
                 v_rows,
                 v_rows.view(mx.float32),
                 _constant(False) if mask is None else mask.reshape(-1, length),
-                no_hidden if recent is None else recent.packed_mask,
+                _constant(False) if recent is None else recent.packed_mask,  # never read without
                 k_codec.centroids,
                 v_codec.centroids,
             ],

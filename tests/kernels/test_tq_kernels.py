@@ -140,7 +140,7 @@ def recent_case(padding, loud=1.0, rows=1, dtype=mx.float32):
     keys = mx.random.split(mx.random.key(9), 2)
     visible = (mx.arange(window) >= mx.array([0, 5])[:, None])[:, None, None]
     older = (mx.arange(length) < length - window)[None, None, None]
-    last_row = lambda x: mx.concatenate([mx.repeat(~x, rows - 1, axis=2), x], axis=2)  # noqa: E731
+    last_row = lambda x: mx.concatenate([mx.repeat(~x, rows - 1, axis=2), x], axis=2)
     recent = tq_attention.Recent(
         (mx.random.normal((2, 2, window, 256), key=keys[0]) * loud).astype(dtype),
         mx.random.normal((2, 2, window, 256), key=keys[1]).astype(dtype),
@@ -202,6 +202,22 @@ def test_recent_window_in_bfloat16():
     """The model's dtypes: bfloat16 queries and recent keys/values, a bfloat16 output."""
     got, error = recent_error(recent_case((0, 5), dtype=mx.bfloat16), scale=0.1)
     assert got.dtype == mx.bfloat16 and error <= tq_attention.ROUNDED_TOLERANCE
+
+
+def test_recent_window_costs_no_mlx_op():
+    """The two launches take the window's arrays as they are: no MLX op attends or hides it."""
+    calls = []
+
+    def record(kernel, **call):
+        calls.append((kernel.name, call["inputs"]))
+        return [mx.zeros(s, d) for s, d in zip(call["output_shapes"], call["output_dtypes"])]
+
+    q, k, v, k_codec, v_codec, mask, recent = recent_case((0, 5))
+    tq_attention.attend(record, q, k, v, k_codec, v_codec, 1.0, mask, recent)
+    assert [name for name, _ in calls] == ["tq_attention_partial", "tq_attention_combine"]
+    (_, partial), (_, combine) = calls
+    assert any(x is recent.packed_mask for x in partial)
+    assert all(any(x is y for x in combine) for y in (q, recent.keys, recent.values, recent.mask))
 
 
 RECENT_BUGS = {  # (old, new, how much longer the recent keys are, scale, recent mask rows)
