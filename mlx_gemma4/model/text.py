@@ -116,7 +116,7 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, spec) for spec in config.layers]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.paced_from = math.inf  # inputs this long run one layer ahead at most (see _one_layer_ahead)
+        self.paced_from = math.inf  # from this many rows (batch x length) run one layer ahead at most: _one_layer_ahead
         if config.has_ple:
             n, d = config.num_hidden_layers, config.hidden_size_per_layer_input
             self.embed_tokens_per_layer = nn.Embedding(config.vocab_size_per_layer_input, n * d)
