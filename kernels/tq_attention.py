@@ -21,8 +21,14 @@ A decode step is thus two kernel calls and no MLX arithmetic, with or without th
 the step is host-bound and every MLX op costs microseconds (benchmarks/kv_quant_step_ops.py counts
 them). Prefill (L > 1) and the CPU take the reference, which dequantizes the rotated keys and values
 a tile at a time.
+
+The partial pass's launch geometry (`Geometry`: query heads a simdgroup scores, the fewest keys a
+threadgroup walks, the threadgroups a long cache spreads over) comes from `LAUNCH_SHAPES` per backend,
+layout and key count (benchmarks/tq_launch_sweep.py measures it); a plan holds one launch per geometry
+its layout's rules name and picks among them by the key count with a comparison per rule.
 """
 
+import math
 from functools import lru_cache
 from typing import NamedTuple, Optional, Union
 
@@ -427,12 +433,73 @@ def _tile(mask, begin: int, end: int):
 
 
 # Query heads a simdgroup scores from one decode of a key's codes (every simdgroup on a key decodes them
-# again): the largest divisor of G with HPS <= 4 and HPS·D <= 2048, so that a lane's queries and outputs
-# (2·HPS·D/32 floats) and scores (BK·HPS) stay in registers. nvcc for sm_90: D=512 HPS=4 252 registers,
-# D=256 HPS=8 spilled (benchmarks/kernel_instructions.py).
+# again): by default the largest divisor of G with HPS <= 4 and HPS·D <= 2048, so that a lane's queries and
+# outputs (2·HPS·D/32 floats) and scores (BK·HPS) stay in registers. nvcc for sm_90: D=512 HPS=4 252
+# registers, D=256 HPS=8 spilled (benchmarks/kernel_instructions.py).
 MAX_HEADS_PER_SIMDGROUP = 4
 HEAD_DIMS_PER_SIMDGROUP = 2048
 MAX_ROTATED_QUERIES = 4096  # G·D floats of threadgroup memory (16 KB): Gemma 4 has G·D <= 8·512
+
+
+class Geometry(NamedTuple):
+    """The partial pass's launch: HPS (a template constant: one kernel build each), the fewest keys a
+    threadgroup walks, and the threadgroups a long cache is spread over (both only shape the grid)."""
+
+    heads_per_simdgroup: int
+    min_chunk: int
+    threadgroups: int
+
+
+# The geometry by layout and key count on each backend: rules (head dim, GQA group, kv rows = batch × kv
+# heads, most keys or None for no bound, HPS, MIN_CHUNK, threadgroups); a layout's rules in increasing most
+# keys, the first that holds the key count wins; beyond them `default_geometry`. Empty until measured: fill
+# from benchmarks/tq_launch_sweep.py's printed rules.
+LAUNCH_SHAPES = {
+    "cuda": (),
+    "metal": (),
+    "reference": (),
+}
+
+
+def default_geometry(dim: int, group: int) -> Geometry:
+    """The geometry where no rule applies: decode_attention's chunking, HPS within the register budget."""
+    hps = _heads_per_simdgroup(group, dim, MAX_HEADS_PER_SIMDGROUP, HEAD_DIMS_PER_SIMDGROUP)
+    return Geometry(hps, MIN_CHUNK, TARGET_THREADGROUPS)
+
+
+def geometries(on: str, dim: int, group: int, kv_rows: int) -> tuple:
+    """((most keys, Geometry), ...) for this layout on backend `on`, tried in order; the last, unbounded,
+    is the default unless a rule has no bound."""
+    chosen = []
+    for rule_dim, rule_group, rule_rows, most, hps, min_chunk, threadgroups in LAUNCH_SHAPES[on]:
+        if (rule_dim, rule_group, rule_rows) == (dim, group, kv_rows):
+            geometry = _checked(Geometry(hps, min_chunk, threadgroups), dim, group)
+            chosen.append((math.inf if most is None else most, geometry))
+            if most is None:
+                return tuple(chosen)
+    return (*chosen, (math.inf, default_geometry(dim, group)))
+
+
+def _checked(geometry: Geometry, dim: int, group: int) -> Geometry:
+    hps, min_chunk, threadgroups = geometry
+    registers = hps <= MAX_HEADS_PER_SIMDGROUP and hps * dim <= HEAD_DIMS_PER_SIMDGROUP
+    if hps < 1 or group % hps or not registers or min_chunk < 1 or threadgroups < 1:
+        raise ValueError(f"TQ attention geometry {geometry} for D={dim}, G={group}: HPS must divide G with HPS <= "
+                         f"{MAX_HEADS_PER_SIMDGROUP} and HPS·D <= {HEAD_DIMS_PER_SIMDGROUP}; the chunk and the "
+                         "threadgroups >= 1")
+    return geometry
+
+
+def launch_grid(geometry: Geometry, group: int, kv_rows: int, length: int) -> tuple:
+    """(simdgroups splitting a chunk's keys, chunks) of the partial pass at this key count."""
+    splits, most_chunks = _split(geometry, group, kv_rows)
+    return splits, max(1, min(most_chunks, -(-length // geometry.min_chunk)))
+
+
+def _split(geometry: Geometry, group: int, kv_rows: int) -> tuple:
+    """(NK, most chunks): at least MIN_SIMDGROUPS a threadgroup, at most MAX_PARTIALS partials a row."""
+    splits = max(1, MIN_SIMDGROUPS // (group // geometry.heads_per_simdgroup))
+    return splits, min(-(-geometry.threadgroups // kv_rows), MAX_PARTIALS // splits)
 
 
 def supports(queries, k_rows, k_codec, v_codec, mask: Mask) -> bool:
@@ -462,7 +529,8 @@ _plans: dict = {}
 
 def plan(queries, k_rows, k_codec, v_codec, mask: Mask, recent: Optional[Recent]):
     """The kernel call for inputs like these on this backend, run(queries, k_rows, v_rows, k_codec, v_codec,
-    scale, mask array or None, recent), or None where the reference serves; probes a new configuration."""
+    scale, mask array or None, recent), or None where the reference serves; probes each geometry the
+    layout's rules can pick. A geometry whose probe fails leaves its keys to the next rule's."""
     on = backend()
     if on == "reference":
         return None
@@ -472,45 +540,68 @@ def plan(queries, k_rows, k_codec, v_codec, mask: Mask, recent: Optional[Recent]
     if run is False:
         run = None
         if supports(queries, k_rows, k_codec, v_codec, mask):
-            masked = isinstance(mask, mx.array)
-            group = queries.shape[1] // k_rows.shape[1]
-            config = (on, queries.dtype, queries.shape[3], group, k_codec.bits, v_codec.bits, masked, recent is not None)
-            if not usable(("tq_attention", *config), lambda: _probe(*config)):
-                return None  # `usable` keeps this verdict, not the plans
             batch, n_heads, _, dim = queries.shape
-            run = _launches(launcher(on), batch, n_heads, k_rows.shape[1], dim, queries.dtype, k_codec.bits,
-                            v_codec.bits, masked, recent is not None)
+            masked = isinstance(mask, mx.array)
+            group = n_heads // k_rows.shape[1]
+            config = (on, queries.dtype, dim, group, k_codec.bits, v_codec.bits, masked, recent is not None)
+            variants = geometries(on, dim, group, batch * k_rows.shape[1])
+            working = [(most, geometry) for most, geometry in variants
+                       if usable(("tq_attention", *config, *geometry), lambda g=geometry: _probe(*config, g))]
+            if not working or working[-1] != variants[-1]:
+                return None  # the unbounded geometry failed: `usable` keeps the verdicts, not the plans
+            runs = [(most, launch_plan(launcher(on), batch, n_heads, k_rows.shape[1], dim, queries.dtype,
+                                       k_codec.bits, v_codec.bits, masked, recent is not None, geometry))
+                    for most, geometry in working]
+            run = _by_length(runs)
         _plans[signature] = run
     return run
 
 
 def attend(launch: Launcher, queries, k_rows, v_rows, k_codec, v_codec, scale: float = 1.0,
-           mask: Optional[mx.array] = None, recent: Optional[Recent] = None) -> mx.array:
+           mask: Optional[mx.array] = None, recent: Optional[Recent] = None,
+           geometry: Optional[Geometry] = None) -> mx.array:
     """The kernel path: both passes through `launch` (they rotate q and the output); the recent window,
-    when there is one, is attended inside the combine pass (no MLX ops).
+    when there is one, is attended inside the combine pass (no MLX ops). `geometry`: the partial pass's,
+    `default_geometry` when not given.
 
     `mask` [B|1, 1, 1, S] or None is the model's over the packed keys; the kernel hides the recent window's
     packed copies itself (`recent.packed_mask`)."""
     batch, n_heads, _, dim = queries.shape
-    run = _launches(launch, batch, n_heads, k_rows.shape[1], dim, queries.dtype, k_codec.bits, v_codec.bits,
-                    mask is not None, recent is not None)
+    group = n_heads // k_rows.shape[1]
+    geometry = default_geometry(dim, group) if geometry is None else _checked(geometry, dim, group)
+    run = launch_plan(launch, batch, n_heads, k_rows.shape[1], dim, queries.dtype, k_codec.bits, v_codec.bits,
+                      mask is not None, recent is not None, geometry)
     return run(queries, k_rows, v_rows, k_codec, v_codec, scale, mask, recent)
 
 
-def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, dtype, k_bits: int, v_bits: int,
-              masked: bool, with_recent: bool):
-    """Both passes for inputs of this signature, worked out but for what depends on the key count."""
+def _by_length(runs: list):
+    """One run that hands each call to the first of `runs` [(most keys, run), ...] that holds its key count."""
+    if len(runs) == 1:
+        return runs[0][1]
+
+    def run(queries, k_rows, *rest):
+        length = k_rows.shape[2]
+        for most, variant in runs:
+            if length <= most:
+                return variant(queries, k_rows, *rest)
+
+    return run
+
+
+def launch_plan(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, dtype, k_bits: int, v_bits: int,
+                masked: bool, with_recent: bool, geometry: Geometry):
+    """Both passes for inputs of this signature at this geometry, worked out but for what depends on the
+    key count."""
     group = n_heads // n_kv
-    per_simdgroup = _heads_per_simdgroup(group, dim, MAX_HEADS_PER_SIMDGROUP, HEAD_DIMS_PER_SIMDGROUP)
-    head_groups = group // per_simdgroup
-    splits = max(1, MIN_SIMDGROUPS // head_groups)
-    most_chunks = min(-(-TARGET_THREADGROUPS // (batch * n_kv)), MAX_PARTIALS // splits)
+    head_groups = group // geometry.heads_per_simdgroup
+    splits, most_chunks = _split(geometry, group, batch * n_kv)
+    min_chunk = geometry.min_chunk
     threads = 32 * head_groups * splits
     partial_template = [
         ("T", dtype),
         ("D", dim),
         ("G", group),
-        ("HPS", per_simdgroup),
+        ("HPS", geometry.heads_per_simdgroup),
         ("NK", splits),
         ("BK", BK),
         ("KB", k_bits),
@@ -530,7 +621,7 @@ def _launches(launch: Launcher, batch: int, n_heads: int, n_kv: int, dim: int, d
 
     def run(queries, k_rows, v_rows, k_codec, v_codec, scale: float, mask: Optional[mx.array], recent):
         length = k_rows.shape[2]
-        chunks = max(1, min(most_chunks, -(-length // MIN_CHUNK)))
+        chunks = max(1, min(most_chunks, -(-length // min_chunk)))  # launch_grid's, inline: the call path is hot
         o_part, ml = launch(
             partial_kernel,
             inputs=[
@@ -570,13 +661,14 @@ TOLERANCE = 1e-4  # max abs error against the reference on the same codes, float
 ROUNDED_TOLERANCE = 3e-2  # the same with bfloat16/float16 queries: both outputs rounded to that dtype
 
 
-def _probe(on: str, dtype, dim: int, group: int, k_bits: int, v_bits: int, masked: bool,
-           with_recent: bool) -> Optional[str]:
-    """Run one small case of this configuration on the device; None when it matches the reference."""
+def _probe(on: str, dtype, dim: int, group: int, k_bits: int, v_bits: int, masked: bool, with_recent: bool,
+           geometry: Geometry) -> Optional[str]:
+    """Run one small case of this configuration at this geometry on the device (several chunks); None when
+    it matches the reference."""
     from ..turboquant.codec import TurboQuantCodec
 
     k_codec, v_codec = TurboQuantCodec(dim, k_bits, 0), TurboQuantCodec(dim, v_bits, 1)
-    batch, length, window = 2, 3 * MIN_CHUNK + 5, 16
+    batch, length, window = 2, 3 * geometry.min_chunk + 5, 16
     keys = mx.random.split(mx.random.key(0), 5)
     q = mx.random.normal((batch, group, 1, dim), key=keys[0]).astype(dtype)
     k = k_codec.encode(mx.random.normal((batch, 1, length, dim), key=keys[1]))
@@ -589,7 +681,7 @@ def _probe(on: str, dtype, dim: int, group: int, k_bits: int, v_bits: int, maske
                         packed_mask=(mx.arange(length) < length - window)[None, None, None],
                         mask=(mx.arange(window)[None] >= mx.array([[0], [3]]))[:, None, None])
     scale = dim**-0.5
-    got = attend(launcher(on), q, k, v, k_codec, v_codec, scale, mask, recent)
+    got = attend(launcher(on), q, k, v, k_codec, v_codec, scale, mask, recent, geometry)
     with mx.stream(mx.cpu):  # MLX's CUDA float32 matmuls round through TF32, past TOLERANCE
         want = reference(q, k, v, k_codec, v_codec, scale, mask, recent)
     error = mx.abs(got.astype(mx.float32) - want.astype(mx.float32)).max().item()
