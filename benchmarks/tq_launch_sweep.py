@@ -78,21 +78,29 @@ def sweep_row(layer: str, keys_count: int, geometries: list) -> list:
     want = reference(queries[0], k_rows, v_rows, k_codec, v_codec, 1.0).astype(mx.float32)
     mx.eval(queries, want)
     launch = launcher(backend())
-    timed, results = {}, []
+    grids = {}  # (HPS, chunks) -> the first candidate launching it
+    for geometry in geometries:
+        _, chunks = launch_grid(geometry, group, kv_heads, keys_count)
+        grids.setdefault((geometry.heads_per_simdgroup, chunks), geometry)
+    timed, calls = {}, {}
+    for grid, geometry in grids.items():
+        run = launch_plan(launch, 1, heads, kv_heads, dim, mx.bfloat16, BITS, BITS, False, False, geometry)
+        calls[grid] = lambda q, k, v, run=run: run(q, k, v, k_codec, v_codec, 1.0, None, None)
+        error = mx.abs(calls[grid](queries[0], k_rows, v_rows).astype(mx.float32) - want).max().item()
+        timed[grid] = dict(us=round(seconds_per_call(calls[grid], queries, k_rows, v_rows) * 1e6, 1), max_error=error,
+                           error_ok=error <= ROUNDED_TOLERANCE, timed_as=list(geometry))
+        print(json.dumps(dict(layer=layer, keys=keys_count, grid=grid, **timed[grid])), flush=True)
+    # the default, timed first, again last: a clock that warmed up during the row does not favour the others
+    default = next(iter(grids))
+    again = round(seconds_per_call(calls[default], queries, k_rows, v_rows) * 1e6, 1)
+    timed[default]["us"] = min(timed[default]["us"], again)
+    results = []
     for geometry in geometries:
         splits, chunks = launch_grid(geometry, group, kv_heads, keys_count)
-        grid = (geometry.heads_per_simdgroup, chunks)
-        if grid not in timed:
-            run = launch_plan(launch, 1, heads, kv_heads, dim, mx.bfloat16, BITS, BITS, False, False, geometry)
-            attention = lambda q, k, v: run(q, k, v, k_codec, v_codec, 1.0, None, None)
-            error = mx.abs(attention(queries[0], k_rows, v_rows).astype(mx.float32) - want).max().item()
-            timed[grid] = dict(us=round(seconds_per_call(attention, queries, k_rows, v_rows) * 1e6, 1),
-                               max_error=error, error_ok=error <= ROUNDED_TOLERANCE, timed_as=list(geometry))
+        measured = timed[geometry.heads_per_simdgroup, chunks]
         results.append(dict(layer=layer, dim=dim, group=group, kv_rows=kv_heads, keys=keys_count,
                             geometry=list(geometry), splits=splits, chunks=chunks,
-                            keys_per_threadgroup=-(-keys_count // chunks), **timed[grid]))
-        if timed[grid]["timed_as"] == list(geometry):
-            print(json.dumps(results[-1]), flush=True)
+                            keys_per_threadgroup=-(-keys_count // chunks), **measured))
     del k_rows, v_rows
     mx.clear_cache()
     return results

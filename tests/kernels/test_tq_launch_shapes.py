@@ -65,6 +65,32 @@ def test_every_sweep_geometry_matches_the_reference(dim, group, geometry):
     assert chunks == -(-length // geometry.min_chunk)  # the chunking under test is this geometry's own
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(tq.backend() == "reference", reason="no GPU backend (set MLX_GEMMA4_KERNELS=cuda or metal)")
+@pytest.mark.parametrize("dim,group,geometry", [(512, 8, Geometry(1, 16, 1024)), (512, 8, Geometry(2, 16, 512)),
+                                                (256, 8, Geometry(1, 16, 1024)), (256, 8, Geometry(2, 16, 512)),
+                                                (256, 2, Geometry(1, 16, 1024))], ids=str)
+def test_sweep_geometries_on_device(dim, group, geometry):
+    """The HPS values the default never takes on Gemma 4's groups, on the device at 8192 keys (more chunks
+    than the threadgroups allow: the cap), with a mask and a recent window, against a float64 reference."""
+    length, window = 8192, 64
+    k_codec, v_codec = TurboQuantCodec(dim, 4, 1), TurboQuantCodec(dim, 4, 2)
+    keys = mx.random.split(mx.random.key(dim + group), 5)
+    q = mx.random.normal((2, 2 * group, 1, dim), key=keys[0])
+    k = k_codec.encode(mx.random.normal((2, 2, length, dim), key=keys[1]).astype(mx.bfloat16))
+    v = v_codec.encode(mx.random.normal((2, 2, length, dim), key=keys[2]).astype(mx.bfloat16))
+    mask = (mx.arange(length)[None] >= mx.array([[0], [length // 3]]))[:, None, None]
+    recent = tq.Recent(mx.random.normal((2, 2, window, dim), key=keys[3]),
+                       mx.random.normal((2, 2, window, dim), key=keys[4]),
+                       packed_mask=(mx.arange(length) < length - window)[None, None, None],
+                       mask=(mx.arange(window)[None] >= mx.array([[0], [5]]))[:, None, None])
+    assert tq.launch_grid(geometry, group, 4, length)[1] < -(-length // geometry.min_chunk)
+    got = tq.attend(tq.launcher(tq.backend()), q, k, v, k_codec, v_codec, 1.0, mask, recent, geometry)
+    with mx.stream(mx.cpu):  # float64, as test_tq_on_device: at these scores the float32 reference is 1.2e-4 off
+        want = tq.reference(q.astype(mx.float64), k, v, k_codec, v_codec, 1.0, mask, recent)
+    assert mx.abs(got - want).max().item() <= tq.TOLERANCE
+
+
 def preset_layouts() -> set:
     """(head dim, query heads, kv heads) of every preset's sliding and global layers."""
     layouts = set()
@@ -132,7 +158,8 @@ def test_plan_picks_the_rules_geometry_by_key_count(monkeypatch):
     partials = [(template["HPS"], grid[1]) for name, template, grid in launches if name == "tq_attention_partial"]
     assert partials == list(expected.values())
     assert len(tq._plans) == 1
-    assert sorted(key[-3:] for key in probed) == sorted([(2, 16, 512), (1, 32, 512), tuple(tq.default_geometry(256, 4))])
+    default = tuple(tq.default_geometry(256, 4))
+    assert sorted(key[-3:] for key in probed) == sorted([(2, 16, 512), (1, 32, 512), default])
     run_plan(256, 8, 4, 50)  # 4 kv rows: no rule names the layout
     assert launches[-2][1]["HPS"] == tq.default_geometry(256, 2).heads_per_simdgroup == 2
 
@@ -218,5 +245,5 @@ def test_sweep_row_checks_and_times_each_launch_once(monkeypatch):
     assert [r["geometry"] for r in results] == [list(g) for g in geometries]
     launches = {(r["geometry"][0], r["chunks"]) for r in results}
     assert launches == {(h, c) for h in (2, 4) for c in (7, 2, 1)}
-    assert sorted(r["us"] for r in results if r["timed_as"] == r["geometry"]) == list(range(1, 7))
+    assert sorted(r["us"] for r in results if r["timed_as"] == r["geometry"]) == list(range(1, 7))  # default: min(1, 7)
     assert all(r["error_ok"] for r in results)
