@@ -30,8 +30,8 @@ import mlx.core as mx
 from mlx_gemma4.kernels import backend
 from mlx_gemma4.kernels.kernel import launcher
 from mlx_gemma4.kernels.tq_attention import (
-    HEAD_DIMS_PER_SIMDGROUP, MAX_HEADS_PER_SIMDGROUP, ROUNDED_TOLERANCE, Geometry, default_geometry, launch_grid,
-    launch_plan, reference,
+    MAX_HEADS_PER_SIMDGROUP, ROUNDED_TOLERANCE, Geometry, default_geometry, heads_fit, launch_grid, launch_plan,
+    reference,
 )
 from mlx_gemma4.turboquant.codec import TurboQuantCodec
 
@@ -46,7 +46,7 @@ MIN_GAIN = 1.03  # a geometry replaces the default only this much faster
 
 def heads_choices(dim: int, group: int) -> list:
     """HPS values the register budget allows: divisors of G, at most MAX_HEADS_PER_SIMDGROUP, HPS·D within it."""
-    return [h for h in range(1, MAX_HEADS_PER_SIMDGROUP + 1) if group % h == 0 and h * dim <= HEAD_DIMS_PER_SIMDGROUP]
+    return [h for h in range(1, MAX_HEADS_PER_SIMDGROUP + 1) if heads_fit(h, dim, group)]
 
 
 def candidates(dim: int, group: int, heads: list, min_chunks: list, threadgroups: list) -> list:

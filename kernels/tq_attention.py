@@ -480,10 +480,14 @@ def geometries(on: str, dim: int, group: int, kv_rows: int) -> tuple:
     return (*chosen, (math.inf, default_geometry(dim, group)))
 
 
+def heads_fit(hps: int, dim: int, group: int) -> bool:
+    """Whether HPS heads a simdgroup divide the GQA group and stay within the register budget."""
+    return 1 <= hps <= MAX_HEADS_PER_SIMDGROUP and group % hps == 0 and hps * dim <= HEAD_DIMS_PER_SIMDGROUP
+
+
 def _checked(geometry: Geometry, dim: int, group: int) -> Geometry:
     hps, min_chunk, threadgroups = geometry
-    registers = hps <= MAX_HEADS_PER_SIMDGROUP and hps * dim <= HEAD_DIMS_PER_SIMDGROUP
-    if hps < 1 or group % hps or not registers or min_chunk < 1 or threadgroups < 1:
+    if not heads_fit(hps, dim, group) or min_chunk < 1 or threadgroups < 1:
         raise ValueError(f"TQ attention geometry {geometry} for D={dim}, G={group}: HPS must divide G with HPS <= "
                          f"{MAX_HEADS_PER_SIMDGROUP} and HPS·D <= {HEAD_DIMS_PER_SIMDGROUP}; the chunk and the "
                          "threadgroups >= 1")
