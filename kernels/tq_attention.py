@@ -452,10 +452,15 @@ class Geometry(NamedTuple):
 
 # The geometry by layout and key count on each backend: rules (head dim, GQA group, kv rows = batch × kv
 # heads, most keys or None for no bound, HPS, MIN_CHUNK, threadgroups); a layout's rules in increasing most
-# keys, the first that holds the key count wins; beyond them `default_geometry`. Empty until measured: fill
-# from benchmarks/tq_launch_sweep.py's printed rules.
+# keys, the first that holds the key count wins; beyond them `default_geometry`. Filled from
+# benchmarks/tq_launch_sweep.py's printed rules (CUDA: H100, benchmarks/results/tq_launch_sweep.md).
 LAUNCH_SHAPES = {
-    "cuda": (),
+    "cuda": (
+        (256, 8, 1, None, 4, 128, 512),
+        (512, 8, 1, 65536, 4, 128, 512),
+        (256, 2, 16, None, 1, 128, 512),
+        (512, 8, 4, 16384, 4, 128, 512),
+    ),
     "metal": (),
     "reference": (),
 }

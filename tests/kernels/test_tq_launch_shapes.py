@@ -88,7 +88,7 @@ def test_sweep_geometries_on_device(dim, group, geometry):
     got = tq.attend(tq.launcher(tq.backend()), q, k, v, k_codec, v_codec, 1.0, mask, recent, geometry)
     with mx.stream(mx.cpu):  # float64, as test_tq_on_device: at these scores the float32 reference is 1.2e-4 off
         want = tq.reference(q.astype(mx.float64), k, v, k_codec, v_codec, 1.0, mask, recent)
-    assert mx.abs(got - want).max().item() <= tq.TOLERANCE
+        assert mx.abs(got - want).max().item() <= tq.TOLERANCE  # float64: on the CPU
 
 
 def preset_layouts() -> set:
@@ -126,18 +126,27 @@ def run_plan(dim, heads, kv_heads, length, batch=1):
     tq.tq_attention(mx.zeros((batch, heads, 1, dim), mx.bfloat16), rows, rows, codec, codec, 1.0, None)
 
 
+def expected_geometry(on, dim, group, kv_rows, length):
+    """The backend's rule for this layout and key count as the table reads (first holding rule of the
+    layout), else today's default: HPS the largest divisor of G within 4 with HPS·D <= 2048, 64 keys, 512."""
+    for rule_dim, rule_group, rule_rows, most, hps, min_chunk, threadgroups in tq.LAUNCH_SHAPES[on]:
+        if (rule_dim, rule_group, rule_rows) == (dim, group, kv_rows) and (most is None or length <= most):
+            return hps, min_chunk, threadgroups
+    return max(h for h in range(1, 5) if group % h == 0 and h * dim <= 2048), 64, 512
+
+
 @pytest.mark.parametrize("on", ["cuda", "metal"])
-def test_rule_tables_keep_todays_launch_for_every_preset_layout(monkeypatch, on):
-    """Until measured rules land, every preset layout launches as before the table existed: HPS the largest
-    divisor of G within 4 and HPS·D <= 2048, NK = 4 / (G / HPS) simdgroups on a chunk's keys, and
-    ceil(S / 64) chunks up to 512 threadgroups (and 1024 partials) a kv row."""
+def test_every_preset_layout_launches_its_tables_geometry(monkeypatch, on):
+    """Every preset layout, batch and key count launches the geometry its backend's rules give (the default
+    where none does): NK = 4 / (G / HPS) simdgroups on a chunk's keys, and ceil(S / MIN_CHUNK) chunks up to
+    the threadgroups (and 1024 partials) a kv row."""
     monkeypatch.setenv(ENV, on)
     launches, _ = record_plans(monkeypatch)
     for (dim, heads, kv_heads), batch, length in itertools.product(preset_layouts(), (1, 2), (1, 100, 32768, 131072)):
         group = heads // kv_heads
-        hps = max(h for h in range(1, 5) if group % h == 0 and h * dim <= 2048)
+        hps, min_chunk, threadgroups = expected_geometry(on, dim, group, batch * kv_heads, length)
         splits = max(1, 4 // (group // hps))
-        chunks = max(1, min(-(-512 // (batch * kv_heads)), 1024 // splits, -(-length // 64)))
+        chunks = max(1, min(-(-threadgroups // (batch * kv_heads)), 1024 // splits, -(-length // min_chunk)))
         run_plan(dim, heads, kv_heads, length, batch)
         name, template, grid = launches[-2]
         assert name == "tq_attention_partial"
