@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
 from ..kernels import backend
-from ..kernels.quantized_matmul import PATH_ENV, PATHS, dequantizes_from, geglu_plan, plan
+from ..kernels.quantized_matmul import DISPATCH, PATH_ENV, PATHS, dequantizes_from, geglu_plan, plan
 from .layers import MLP
 
 
@@ -89,13 +89,16 @@ _OURS = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEm
 
 
 def kernel_layers_wanted() -> bool:
-    """Whether loaders swap our layers in: only when MLX_GEMMA4_QUANTIZED_MATMUL names a path other than
-    MLX's. On an H100 (benchmarks/results/2026-11-23-h100-4bit-31b-our-qmm-layers.md, one run) our layers
-    now prefill 31B 1.81x and decode it 1.07x mlx-lm's, where an earlier tree decoded at 0.75x; but that
-    run's peak memory was 36.6 GB against 23.0 (dequantized weights of queued layers), which the one-layer
-    pacing of prefill (model/text.py) is meant to bound, and E2B and 26B-A4B have not been rerun. MLX's
-    layers stay the default until a GPU run of all three shows the memory bounded and no model slower."""
-    return os.environ.get(PATH_ENV, "mlx") != "mlx"
+    """Whether loaders swap our layers in: where the backend's dispatch table routes some shapes to our
+    paths (CUDA), unless MLX_GEMMA4_QUANTIZED_MATMUL=mlx; elsewhere only when that variable names one of
+    ours. On an H100 with prefill paced one layer ahead (benchmarks/results/2026-11-23-h100-4bit-*-our-
+    qmm-layers-paced.md) our layers beat mlx-lm on every preset (pp512 / tg64: E2B 1.03x / 1.11x, 31B
+    1.82x / 1.16x, 26B-A4B 2.83x / 1.33x) at a lower peak than mlx-lm's (31B 20.0 GB against 23.0; 36.6
+    before the pacing)."""
+    choice = os.environ.get(PATH_ENV)
+    if choice is None:
+        return bool(DISPATCH[backend()])
+    return choice != "mlx"
 
 
 def use_kernel_layers(model: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ from mlx_gemma4.kernels import quantized_matmul as qmm
 from benchmarks.pair import reduced_preset
 from mlx_gemma4.model import text
 from mlx_gemma4.model.layers import MLP
-from mlx_gemma4.model.quantized_linear import GegluMLP, QuantizedLinear, use_kernel_layers
+from mlx_gemma4.model.quantized_linear import GegluMLP, QuantizedLinear, kernel_layers_wanted, use_kernel_layers
 from mlx_gemma4.presets import random_model
 
 K, N = 256, 12
@@ -87,6 +87,20 @@ def test_environment_is_read_at_swap_time(monkeypatch):
     assert not layer.plans
     assert mx.array_equal(layer(x), qmm.mlx_matmul(x, layer.weight, layer.scales, layer.biases, 64, 4)).item()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("on,choice,wanted", [("cuda", None, True), ("cuda", "mlx", False), ("cuda", "gemv", True),
+                                               ("metal", None, False), ("metal", "auto", True),
+                                               ("reference", None, False), ("reference", "dequantize", True)])
+def test_loaders_swap_our_layers_in_where_the_table_routes_to_them(monkeypatch, on, choice, wanted):
+    """By default ours only where the backend's dispatch table sends some shape to our paths (CUDA);
+    the environment forces either way."""
+    monkeypatch.setenv(ENV, on)
+    if choice is None:
+        monkeypatch.delenv(qmm.PATH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(qmm.PATH_ENV, choice)
+    assert kernel_layers_wanted() is wanted
 
 
 def test_bad_environment_fails_before_any_change(monkeypatch):
