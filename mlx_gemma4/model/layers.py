@@ -82,12 +82,6 @@ def soft_cap(x: mx.array, cap: mx.array) -> mx.array:
     return mx.tanh(x / cap) * cap
 
 
-@partial(mx.compile, shapeless=True)
-def scaled_residual(h: mx.array, update: mx.array, scale: mx.array) -> mx.array:
-    """(h + update) * scale in one kernel: a decoder layer's last residual add and its layer scalar."""
-    return (h + update) * scale
-
-
 Mask = Union[None, str, mx.array]
 
 

@@ -15,9 +15,10 @@ import numpy as np
 from ..cache import FullCache, SlidingCache
 from ..quantized_cache import KVQuantConfig, Packed, make_quantized_cache, quantized_attention
 from ..kernels import scaled_dot_product_attention
+from ..kernels.residual_norm import add_norm, add_scaled
 from ..config import FULL, SLIDING, LayerSpec, TextConfig
 from .fused import Projections
-from .layers import MLP, RMSNorm, RoPE, attention_mask, geglu, rms_norm_no_scale, scaled_residual, soft_cap
+from .layers import MLP, RMSNorm, RoPE, attention_mask, geglu, rms_norm_no_scale, soft_cap
 from .moe import Experts, Router
 
 
@@ -70,6 +71,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: TextConfig, spec: LayerSpec):
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.eps = eps
         self.self_attn = Attention(config, spec)
         self.mlp = MLP(hidden, spec.intermediate_size)
         self.input_layernorm = RMSNorm(hidden, eps)
@@ -93,18 +95,21 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x, mask, offset, cache=None, shared_kv=None, per_layer_input=None):
         attn, kv = self["self_attn"](self["input_layernorm"](x), mask, offset, cache, shared_kv)
-        h = x + self["post_attention_layernorm"](attn)
-        ffn = self["mlp"](self["pre_feedforward_layernorm"](h))
+        # Each residual add with the norms around it: one kernel on a GPU's decode step, MLX's ops elsewhere
+        # (kernels/residual_norm.py).
+        h, ffn_input = add_norm(x, attn, self["post_attention_layernorm"]["weight"],
+                                self["pre_feedforward_layernorm"]["weight"], self.eps)
+        ffn = self["mlp"](ffn_input)
         if self.moe:
             indices, weights = self["router"](h)
             experts = self["experts"](self["pre_feedforward_layernorm_2"](h), indices, weights)
             ffn = self["post_feedforward_layernorm_1"](ffn) + self["post_feedforward_layernorm_2"](experts)
-        update = self["post_feedforward_layernorm"](ffn)
+        last, last_norm = ffn, self["post_feedforward_layernorm"]
         if self.ple:
-            h = h + update
+            h = add_scaled(h, ffn, last_norm["weight"], self.eps)
             gated = geglu(self["per_layer_input_gate"](h), per_layer_input)
-            update = self["post_per_layer_input_norm"](self["per_layer_projection"](gated))
-        return scaled_residual(h, update, self["layer_scalar"]), kv
+            last, last_norm = self["per_layer_projection"](gated), self["post_per_layer_input_norm"]
+        return add_scaled(h, last, last_norm["weight"], self.eps, self["layer_scalar"]), kv
 
 
 class TextModel(nn.Module):
