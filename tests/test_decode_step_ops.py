@@ -26,7 +26,8 @@ def test_layer_parts_add_up_to_the_step_and_glue_is_fused():
     outside = whole["launches"] - in_layers
     assert 0 < outside <= 16  # embeddings, PLE inputs, final norm, head, soft-cap
     glue = "layer glue (residuals, PLE gate, layer scalar)"
-    # attention residual + PLE residual, fused last residual with the layer scalar, the PLE gate's GeGLU (2)
+    # the fused residual + norm kernels (after attention, after the MLP, the last with the layer scalar),
+    # the PLE gate's GeGLU (2)
     assert all(parts[glue] == 5 for parts in by_kind.values())
     assert by_kind["sliding"]["KV cache update"] == 2 and by_kind["sliding KV reader"].get("KV cache update", 0) == 0
 

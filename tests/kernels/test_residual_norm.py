@@ -6,7 +6,9 @@ emulated kernels gives transformers' logits (float32) and the unfused ops' (bf16
 
 import dataclasses
 import functools
+import os
 import re
+import subprocess
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 
 import metal_check
 import metal_emu
+from benchmarks.kernel_instructions import NVCC, cuda_source
 from metal_source import capture
 from mlx_gemma4.kernels import residual_norm as rn
 from mlx_gemma4.kernels.prelude import CUDA_PRELUDE
@@ -198,3 +201,22 @@ def test_tiny_model_on_the_kernels(tiny_checkpoint, emulated):
     # Far closer to the unfused ops than bf16 itself is to float32 (31B-like: bit-equal here; E2B-like: 58 %
     # of the logits bit-equal, a last-place step of a norm carried through six layers).
     assert np.abs(fused - want).max() <= 0.25 * np.abs(want - got).max()
+
+
+@pytest.mark.skipif(not os.path.exists(NVCC), reason="needs nvcc")
+def test_cuda_twin_compiles(tmp_path):
+    """Both bodies under the CUDA prelude, as MLX's CUDA backend would build them, compile for sm_90."""
+    launches = []
+
+    def record(kernel, **call):
+        launches.append(dict(call, kernel=kernel))
+        return [mx.zeros(shape, dtype) for shape, dtype in zip(call["output_shapes"], call["output_dtypes"])]
+
+    for which in ("norm", "scaled", "plain"):
+        outputs(record, which, mx.bfloat16, 5376)
+    for index, launch in enumerate(launches):
+        source = tmp_path / f"{index}.cu"
+        source.write_text(cuda_source(launch))
+        built = subprocess.run([NVCC, "-arch=sm_90", "-ptx", str(source), "-o", str(tmp_path / f"{index}.ptx")],
+                               capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr[-2000:]
