@@ -16,6 +16,9 @@ A body is written once in Metal spelling, restricted to a portable subset, and h
 - `u32x4` and `load_words4(p)`: four consecutive uint32 words, p 16-byte aligned (one 128-bit load on
   CUDA); `bits_to_float(u)`: the float whose bits are u (Metal's as_type); `float_to_bits(f)`: the
   uint whose bits are f's.
+- `and_or(a, mask, bits)`: (a & mask) | bits, mask and bits compile-time constants (one LOP3 on CUDA,
+  where the plain expression takes two); `f32x2` and `half_pair(u, mul, add)`: the two float16 halves
+  of u, low first, each as h * mul + add computed in float16 (exact where the result is), as floats.
 - arithmetic in float: load with `static_cast<float>` or `load4`, store with `static_cast<T>`
   (CUDA's bf16/half operators are ambiguous in mixed expressions). No lambdas, no double, no std::.
 - grid a multiple of the threadgroup: Metal launches exactly the grid, CUDA whole blocks.
@@ -32,6 +35,12 @@ template <typename P> inline u32x4 load_words4(P p) {
 }
 inline float bits_to_float(uint u) { return as_type<float>(u); }
 inline uint float_to_bits(float f) { return as_type<uint>(f); }
+inline uint and_or(uint a, uint mask, uint bits) { return (a & mask) | bits; }
+struct f32x2 { float x, y; };
+inline f32x2 half_pair(uint u, float mul, float add) {
+  return f32x2{float(as_type<half>(ushort(u & 0xffffu)) * half(mul) + half(add)),
+               float(as_type<half>(ushort(u >> 16)) * half(mul) + half(add))};
+}
 """
 
 CUDA_PRELUDE = r"""
@@ -90,4 +99,16 @@ __device__ __forceinline__ u32x4 load_words4(const uint* p) {
 }
 __device__ __forceinline__ float bits_to_float(uint u) { return __uint_as_float(u); }
 __device__ __forceinline__ uint float_to_bits(float f) { return __float_as_uint(f); }
+#define and_or(a, mask, bits) lop3_and_or<(mask), (bits)>(a)
+template <uint MASK_, uint BITS_> __device__ __forceinline__ uint lop3_and_or(uint a) {
+  uint d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK_), "n"(BITS_));  // (a & b) | c
+  return d;
+}
+struct f32x2 { float x, y; };
+__device__ __forceinline__ f32x2 half_pair(uint u, float mul, float add) {
+  __half2 h = __hfma2(*reinterpret_cast<__half2*>(&u), __float2half2_rn(mul), __float2half2_rn(add));
+  float2 f = __half22float2(h);
+  return f32x2{f.x, f.y};
+}
 """

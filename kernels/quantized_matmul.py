@@ -48,7 +48,6 @@ ROWS_BODY = r"""
     constexpr int VPW = 32 / BITS;
     constexpr int VPL = 4 * VPW;
     constexpr int STEP = 32 * NSG * VPL;
-    constexpr uint MASK = (1u << BITS) - 1u;
     constexpr int ROWS = RPS * MATS;  // RPS rows of each of the MATS weight matrices
     threadgroup float partial[NSG * ROWS * M];
     const uint lane = thread_index_in_simdgroup;
@@ -121,15 +120,26 @@ ROWS_BODY = r"""
                 }
             }
             for (int r = 0; r < ROWS; r++) {
-                const uint low = q[r][j];
-                const uint high = low >> 16;  // codes of the high half word, so that every offset is < 16
+                // Two codes per float16 pair: ORed into the mantissa of 1024.0h (0x6400), a code c reads as
+                // 1024 + c, or as 1024 + 16c four bits up; one float16 FMA per pair makes it c exactly.
+                const uint word = q[r][j];
+                float code[8];  // VPW of them
+                if (BITS == 4) {
+                    const f32x2 c04 = half_pair(and_or(word, 0x000F000Fu, 0x64006400u), 1.0f, -1024.0f);
+                    const f32x2 c15 = half_pair(and_or(word, 0x00F000F0u, 0x64006400u), 0.0625f, -64.0f);
+                    const f32x2 c26 = half_pair(and_or(word >> 8, 0x000F000Fu, 0x64006400u), 1.0f, -1024.0f);
+                    const f32x2 c37 = half_pair(and_or(word >> 8, 0x00F000F0u, 0x64006400u), 0.0625f, -64.0f);
+                    code[0] = c04.x; code[1] = c15.x; code[2] = c26.x; code[3] = c37.x;
+                    code[4] = c04.y; code[5] = c15.y; code[6] = c26.y; code[7] = c37.y;
+                } else {
+                    const f32x2 c02 = half_pair(and_or(word, 0x00FF00FFu, 0x64006400u), 1.0f, -1024.0f);
+                    const f32x2 c13 = half_pair(and_or(word >> 8, 0x00FF00FFu, 0x64006400u), 1.0f, -1024.0f);
+                    code[0] = c02.x; code[1] = c13.x; code[2] = c02.y; code[3] = c13.y;
+                }
 #pragma unroll
                 for (int v = 0; v < VPW; v++) {
-                    const uint s = (v % (VPW / 2)) * BITS;
-                    const uint bits = ((v < VPW / 2 ? low : high) & (MASK << s)) | ((150u - s) << 23);
-                    const float code = bits_to_float(bits) - float(1u << (23u - s));
                     for (int m = 0; m < M; m++) {
-                        dot[r][m] += xv[m][v] * code;
+                        dot[r][m] += xv[m][v] * code[v];
                     }
                 }
             }

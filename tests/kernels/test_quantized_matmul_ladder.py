@@ -35,8 +35,12 @@ def test_the_real_body_passes():
     assert run(gemv_kernel) <= TOLERANCE[CASE["dtype"]]
 
 
-def test_wrong_unpacking_gives_wrong_numbers():
-    assert run(mutant("const uint high = low >> 16;", "const uint high = low >> 12;")) > 0.01
+@pytest.mark.parametrize("old,new", [
+    ("and_or(word >> 8, 0x000F000Fu", "and_or(word >> 4, 0x000F000Fu"),  # codes 2 and 6 from the wrong bits
+    ("0x00F000F0u, 0x64006400u), 0.0625f, -64.0f)", "0x00F000F0u, 0x64006400u), 1.0f, -1024.0f)"),  # 16c for c
+])
+def test_wrong_unpacking_gives_wrong_numbers(old, new):
+    assert run(mutant(old, new)) > 0.01
 
 
 @pytest.mark.parametrize("old,new", [
