@@ -65,11 +65,19 @@ class Kernel:
                 name=self.name,
                 input_names=self.inputs,
                 output_names=self.outputs,
-                source=self.source,
-                header=METAL_PRELUDE if backend == "metal" else CUDA_PRELUDE,
+                source=compact(self.source),
+                header=compact(METAL_PRELUDE if backend == "metal" else CUDA_PRELUDE),
                 ensure_row_contiguous=self.row_contiguous,
             )
         return self._built[backend]
+
+
+def compact(source: str) -> str:
+    """The source without `//` comments, indentation and blank lines. MLX rebuilds a custom kernel's whole
+    source on every call and hashes it on every launch: on CUDA each KB costs ~0.3 µs of host time a launch
+    (benchmarks/results/launch_cost.md), and a decode step makes hundreds."""
+    lines = (line.split("//", 1)[0].strip() for line in source.splitlines())
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 # A launcher runs one kernel call: launcher(kernel, inputs=..., template=..., grid=..., ...) -> outputs.

@@ -18,6 +18,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .quantized_matmul import UNPACK_CODES
+
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 BITS = (4, 8)
 
@@ -86,9 +88,8 @@ def row_dot(quantized: bool, w: str, rows: list, chunk: str, x_chunk: str, acc: 
     its element offset {}; template constants: N (row length), BITS, GS, VPC. Every row's chunk is loaded
     before any arithmetic, so that all of a lane's loads are in flight at once. A quantized chunk lies
     inside one group (GS is a multiple of the 32 or 16 values it holds), so it folds
-    Σ (s q + b) x = s Σ q x + b Σ x, with x's chunk sum shared by all rows. Codes become floats without an
-    int->float conversion (a quarter-rate instruction on NVIDIA GPUs): a code placed in the mantissa of
-    2^(23 - o), o < 16 its bit offset in a half word, reads as 2^(23 - o) + code exactly.
+    Σ (s q + b) x = s Σ q x + b Σ x, with x's chunk sum shared by all rows. Codes become floats as the
+    quantized GEMV's do, two per float16 pair (quantized_matmul.UNPACK_CODES, defined here too).
     """
     scale = f"{factor} * " if factor else ""
     if not quantized:
@@ -98,9 +99,7 @@ def row_dot(quantized: bool, w: str, rows: list, chunk: str, x_chunk: str, acc: 
             lines.append(f"  {a} += {scale}(wv.x * xv.x + wv.y * xv.y + wv.z * xv.z + wv.w * xv.w); }}")
         return "\n".join(lines)
     count = len(rows)
-    lines = [
-        "constexpr uint MASK = (1u << BITS) - 1u;",
-        "constexpr int VPH = 16 / BITS;  // values a half word holds",
+    lines = UNPACK_CODES.strip().splitlines() + [
         f"const int group = VPC * ({chunk}) / GS;",
         f"uint q[{count}][4];",
         f"float s[{count}];",
@@ -135,13 +134,12 @@ def row_dot(quantized: bool, w: str, rows: list, chunk: str, x_chunk: str, acc: 
             "{",
             "  float qx = 0.0f;",
             "#pragma unroll",
-            "  for (int h = 0; h < 8; h++) {  // half words",
-            f"    const uint half_word = h % 2 ? q[{i}][h / 2] >> 16 : q[{i}][h / 2];",
+            "  for (int j = 0; j < 4; j++) {",
+            f"    const uint word = q[{i}][j];",
+            "    UNPACK_CODES",
             "#pragma unroll",
-            "    for (int v = 0; v < VPH; v++) {",
-            "      const uint o = BITS * v;",
-            "      const float code = bits_to_float((half_word & (MASK << o)) | ((150u - o) << 23)) - float(1u << (23u - o));",
-            "      qx += code * xv[h * VPH + v];",
+            "    for (int v = 0; v < 32 / BITS; v++) {",
+            "      qx += code[v] * xv[j * (32 / BITS) + v];",
             "    }",
             "  }",
             f"  {a} += {scale}(s[{i}] * qx + b[{i}] * xsum);",

@@ -44,7 +44,29 @@ import mlx.nn as nn
 
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
-ROWS_BODY = r"""
+# `float code[8]` from the uint `word`: its 32 / BITS codes as floats, two per float16 pair. ORed into the
+# mantissa of 1024.0h (0x6400), a code c reads as 1024 + c, or as 1024 + 16c four bits up; one float16 FMA
+# per pair makes it c exactly. (The float32 way, a code ORed into 2^23's mantissa, takes two LOP3s and an
+# FADD per code on NVIDIA GPUs: SASS operands hold one immediate.) A macro, so that bodies that unpack
+# words (here and moe_weights.py) share it.
+UNPACK_CODES = r"""
+#define UNPACK_CODES \
+    float code[8]; \
+    if (BITS == 4) { \
+        const f32x2 c04 = half_pair(and_or(word, 0x000F000Fu, 0x64006400u), 1.0f, -1024.0f); \
+        const f32x2 c15 = half_pair(and_or(word, 0x00F000F0u, 0x64006400u), 0.0625f, -64.0f); \
+        const f32x2 c26 = half_pair(and_or(word >> 8, 0x000F000Fu, 0x64006400u), 1.0f, -1024.0f); \
+        const f32x2 c37 = half_pair(and_or(word >> 8, 0x00F000F0u, 0x64006400u), 0.0625f, -64.0f); \
+        code[0] = c04.x; code[1] = c15.x; code[2] = c26.x; code[3] = c37.x; \
+        code[4] = c04.y; code[5] = c15.y; code[6] = c26.y; code[7] = c37.y; \
+    } else { \
+        const f32x2 c02 = half_pair(and_or(word, 0x00FF00FFu, 0x64006400u), 1.0f, -1024.0f); \
+        const f32x2 c13 = half_pair(and_or(word >> 8, 0x00FF00FFu, 0x64006400u), 1.0f, -1024.0f); \
+        code[0] = c02.x; code[1] = c13.x; code[2] = c02.y; code[3] = c13.y; \
+    }
+"""
+
+ROWS_BODY = UNPACK_CODES + r"""
     constexpr int VPW = 32 / BITS;
     constexpr int VPL = 4 * VPW;
     constexpr int STEP = 32 * NSG * VPL;
@@ -120,22 +142,8 @@ ROWS_BODY = r"""
                 }
             }
             for (int r = 0; r < ROWS; r++) {
-                // Two codes per float16 pair: ORed into the mantissa of 1024.0h (0x6400), a code c reads as
-                // 1024 + c, or as 1024 + 16c four bits up; one float16 FMA per pair makes it c exactly.
                 const uint word = q[r][j];
-                float code[8];  // VPW of them
-                if (BITS == 4) {
-                    const f32x2 c04 = half_pair(and_or(word, 0x000F000Fu, 0x64006400u), 1.0f, -1024.0f);
-                    const f32x2 c15 = half_pair(and_or(word, 0x00F000F0u, 0x64006400u), 0.0625f, -64.0f);
-                    const f32x2 c26 = half_pair(and_or(word >> 8, 0x000F000Fu, 0x64006400u), 1.0f, -1024.0f);
-                    const f32x2 c37 = half_pair(and_or(word >> 8, 0x00F000F0u, 0x64006400u), 0.0625f, -64.0f);
-                    code[0] = c04.x; code[1] = c15.x; code[2] = c26.x; code[3] = c37.x;
-                    code[4] = c04.y; code[5] = c15.y; code[6] = c26.y; code[7] = c37.y;
-                } else {
-                    const f32x2 c02 = half_pair(and_or(word, 0x00FF00FFu, 0x64006400u), 1.0f, -1024.0f);
-                    const f32x2 c13 = half_pair(and_or(word >> 8, 0x00FF00FFu, 0x64006400u), 1.0f, -1024.0f);
-                    code[0] = c02.x; code[1] = c13.x; code[2] = c02.y; code[3] = c13.y;
-                }
+                UNPACK_CODES
 #pragma unroll
                 for (int v = 0; v < VPW; v++) {
                     for (int m = 0; m < M; m++) {
@@ -279,15 +287,16 @@ def _supports(x_shape, x_dtype, w_shape, w_dtype, scales_shape, biases_shape, gr
 # Fill from benchmarks/gemv_sweep.py's "best per shape" (it prints the rules); a rule for the gate/up
 # shape also shapes the fused gate/up GEMV, whose own best the sweep reports beside it.
 LAUNCH_SHAPES = {
-    # H100, 31B's decode shapes at 1 row, 4-bit g64 (benchmarks/results/gemv_sweep.md): 1.05-1.24x the
-    # default where listed. The gate/up shape keeps the default: its fused GEMV (the model's) is best there.
+    # H100, 31B's decode shapes at 1 row, 4-bit g64, the float16-pair body (benchmarks/results/gemv_sweep.md,
+    # session 7): 1.02-1.3x the default where listed. The gate/up shape keeps the default: its fused GEMV
+    # (the model's) is best there.
     "cuda": (
-        (1, 5376, 5376, 2048, 2048, 8, 1),
-        (1, 5376, 5376, 4096, 4096, 8, 2),
+        (1, 5376, 5376, 2048, 2048, 8, 4),
+        (1, 5376, 5376, 4096, 4096, 4, 1),
         (1, 5376, 5376, 8192, 8192, 8, 2),
-        (1, 5376, 5376, 16384, 16384, 8, 1),
-        (1, 8192, 8192, 5376, 5376, 8, 2),
-        (1, 21504, 21504, 5376, 5376, 8, 2),
+        (1, 5376, 5376, 16384, 16384, 8, 2),
+        (1, 16384, 16384, 5376, 5376, 8, 1),
+        (1, 5376, 5376, 262144, 262144, 8, 2),
     ),
     "metal": (),
     "reference": (),

@@ -2,10 +2,12 @@
 the per-part attribution adds up to the step, and a layer's glue stays fused."""
 
 import mlx.core as mx
+import pytest
 
 from benchmarks.decode_step_ops import build_ms, gpu_graph, graph_ops, kinds, layer_parts, step
 from benchmarks.kv_quant_speed import filled_cache
 from benchmarks.kv_quant_step_ops import shrunk_model
+from mlx_gemma4.kernels import residual_norm as rn
 
 
 def test_a_fast_op_is_one_launch():
@@ -17,7 +19,17 @@ def test_a_fast_op_is_one_launch():
     assert ops == {"kernels": 0, "fast": 2, "mlx": 1, "launches": 3, "views": ops["views"]}
 
 
-def test_layer_parts_add_up_to_the_step_and_glue_is_fused():
+@pytest.mark.parametrize("fused_rows,glue_launches", [
+    # the norms around the residuals (post-attention, pre-MLP, post-MLP, post-PLE), the attention and PLE
+    # residual adds, the compiled last residual with the layer scalar, the PLE gate's GeGLU (2)
+    (0, 9),
+    # the fused residual + norm kernels (after attention, after the MLP, the last with the layer scalar),
+    # the PLE gate's GeGLU (2)
+    (rn.TESTED_ROWS, 5),
+])
+def test_layer_parts_add_up_to_the_step_and_glue_is_fused(monkeypatch, fused_rows, glue_launches):
+    monkeypatch.setitem(rn.MOST_ROWS, "cuda", fused_rows)
+    monkeypatch.setattr(rn, "_plans", {})
     with gpu_graph():
         model = shrunk_model("E2B")
         whole = step(model, filled_cache(model, None, 600))
@@ -26,9 +38,7 @@ def test_layer_parts_add_up_to_the_step_and_glue_is_fused():
     outside = whole["launches"] - in_layers
     assert 0 < outside <= 16  # embeddings, PLE inputs, final norm, head, soft-cap
     glue = "layer glue (residuals, PLE gate, layer scalar)"
-    # the fused residual + norm kernels (after attention, after the MLP, the last with the layer scalar),
-    # the PLE gate's GeGLU (2)
-    assert all(parts[glue] == 5 for parts in by_kind.values())
+    assert all(parts[glue] == glue_launches for parts in by_kind.values())
     assert by_kind["sliding"]["KV cache update"] == 2 and by_kind["sliding KV reader"].get("KV cache update", 0) == 0
 
 

@@ -103,12 +103,14 @@ def test_emulator_catches_a_missing_router_barrier(seed):
 
 
 def test_emulator_catches_a_wrong_nibble():
-    """Unpacking odd values of a half word from the even nibble before them."""
-    assert experts_problem(mutant(moe_experts.GATE_UP_KERNELS[True], "(MASK << o)", "(MASK << (o & ~4u))"))
+    """Codes 1 and 5 of each word read as 16 times themselves (the float16 pair's fix-up left out)."""
+    assert experts_problem(mutant(moe_experts.GATE_UP_KERNELS[True], "0x00F000F0u, 0x64006400u), 0.0625f, -64.0f)",
+                                  "0x00F000F0u, 0x64006400u), 1.0f, -1024.0f)"))
 
 
-def test_emulator_catches_a_high_half_word_read_low():
-    assert experts_problem(mutant(moe_experts.GATE_UP_KERNELS[True], "q[3][h / 2] >> 16", "q[3][h / 2]"))
+def test_emulator_catches_a_word_read_from_the_wrong_row():
+    assert experts_problem(mutant(moe_experts.GATE_UP_KERNELS[True], "const uint word = q[3][j];",
+                                  "const uint word = q[2][j];"))
 
 
 def test_emulator_catches_a_chunk_given_its_words_group():
