@@ -14,8 +14,7 @@ A body is written once in Metal spelling, restricted to a portable subset, and h
 - inputs indexed through `<name>_shape[i]` / `<name>_strides[i]` (Metal: pointers, CUDA: arrays);
   no 0-d inputs (Metal passes them by reference, CUDA by pointer): pass shape-(1,) arrays, read x[0].
 - `u32x4` and `load_words4(p)`: four consecutive uint32 words, p 16-byte aligned (one 128-bit load on
-  CUDA); `bits_to_float(u)`: the float whose bits are u (Metal's as_type); `float_to_bits(f)`: the
-  uint whose bits are f's.
+  CUDA); `float_to_bits(f)`: the uint whose bits are f's (Metal's as_type).
 - `and_or(a, mask, bits)`: (a & mask) | bits, mask and bits compile-time constants (one LOP3 on CUDA,
   where the plain expression takes two); `f32x2` and `half_pair(u, mul, add)`: the two float16 halves
   of u, low first, each as h * mul + add computed in float16 (exact where the result is), as floats.
@@ -33,7 +32,6 @@ struct u32x4 { uint v[4]; };
 template <typename P> inline u32x4 load_words4(P p) {
   return u32x4{{uint(p[0]), uint(p[1]), uint(p[2]), uint(p[3])}};
 }
-inline float bits_to_float(uint u) { return as_type<float>(u); }
 inline uint float_to_bits(float f) { return as_type<uint>(f); }
 inline uint and_or(uint a, uint mask, uint bits) { return (a & mask) | bits; }
 struct f32x2 { float x, y; };
@@ -97,7 +95,6 @@ __device__ __forceinline__ u32x4 load_words4(const uint* p) {
   uint4 u = *reinterpret_cast<const uint4*>(p);  // 16-byte aligned
   return u32x4{{u.x, u.y, u.z, u.w}};
 }
-__device__ __forceinline__ float bits_to_float(uint u) { return __uint_as_float(u); }
 __device__ __forceinline__ uint float_to_bits(float f) { return __float_as_uint(f); }
 #define and_or(a, mask, bits) lop3_and_or<(mask), (bits)>(a)
 template <uint MASK_, uint BITS_> __device__ __forceinline__ uint lop3_and_or(uint a) {

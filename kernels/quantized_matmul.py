@@ -16,11 +16,12 @@ never waits on memory it could have asked for earlier. The launch shape (RPS, NS
 RPS = 4 and NSG (`simdgroups`) grows for short N until the launch has enough simdgroups to fill an
 H100. Each simdgroup's sums meet in threadgroup memory. A lane's chunk lies inside one quantization
 group, so it folds its partial dot products as scale * sum(x * code) + bias * sum(x). The activations
-come from L1, reused across the RPS rows. Codes
-become floats without an int->float conversion (a quarter-rate instruction on NVIDIA GPUs): a code
-placed in the mantissa of 2^(23 - s), s its bit offset, reads as 2^(23 - s) + code exactly. The body's
-template: T (output dtype), BITS, GS (group size), M (rows of x), RPS, NSG; its comments are few and
-short, since MLX builds and hashes the whole source on every call.
+come from L1, reused across the RPS rows. Codes become floats two at a time through float16 pairs
+(`UNPACK_CODES`), without an int->float conversion (a quarter-rate instruction on NVIDIA GPUs). On an
+H100 the loop is still bound by instruction issue more than by DRAM (ncu: SM 60 %, DRAM 51 % on 31B's
+gate/up; benchmarks/results/gemv_unpack_ab.md). The body's template: T (output dtype), BITS, GS (group
+size), M (rows of x), RPS, NSG; `Kernel.build` strips its comments, since MLX builds and hashes the
+whole source on every call.
 
 The call path is short on purpose (a decode step on MLX's CUDA backend is bound by host time, so
 every microsecond of Python shows): `plan` resolves the path, the probe, the kernel object and its
