@@ -18,8 +18,20 @@ import mlx.core as mx
 
 from .kernel import Kernel, Launcher, backend, launcher, usable
 
-# The row's residual sum h = x + RMSNorm(u)·w1, held as floats in registers (each rounded to T).
+# The row's residual sum h = x + RMSNorm(u)·w1, held as floats in registers (each rounded to T). ROW_SUM: the
+# threadgroup's total of each thread's `value`, through a threadgroup array `scratch` of NT / 32 floats (a
+# macro, since a function parameter in threadgroup memory is spelled differently on Metal and CUDA).
 ADD = r"""
+#define ROW_SUM(value, scratch) \
+    value = simd_sum(value); \
+    if (thread_index_in_simdgroup == 0) { \
+        scratch[sg] = value; \
+    } \
+    threadgroup_barrier(mem_flags::mem_threadgroup); \
+    value = 0.0f; \
+    for (int s = 0; s < NT / 32; s++) { \
+        value += scratch[s]; \
+    }
     // Template: T, D (row length), NT (threads a row); eps[0] the norms' epsilon.
     constexpr int N = (D + NT - 1) / NT;  // elements a thread holds: t, t + NT, ...
     threadgroup float across_u[NT / 32];
@@ -36,15 +48,7 @@ ADD = r"""
         h[c] = i < D ? static_cast<float>(u[row + i]) : 0.0f;
         squares += h[c] * h[c];
     }
-    squares = simd_sum(squares);
-    if (thread_index_in_simdgroup == 0) {
-        across_u[sg] = squares;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    squares = 0.0f;
-    for (int s = 0; s < NT / 32; s++) {
-        squares += across_u[s];
-    }
+    ROW_SUM(squares, across_u);
     const float inv_rms = metal::rsqrt(squares / D + epsilon);
     for (int c = 0; c < N; c++) {
         const int i = metal::min(int(t + c * NT), D - 1);  // past the row: a copy of its last element, unused
@@ -60,15 +64,7 @@ NORM_TAIL = r"""
     for (int c = 0; c < N; c++) {
         squares += t + c * NT < D ? h[c] * h[c] : 0.0f;
     }
-    squares = simd_sum(squares);
-    if (thread_index_in_simdgroup == 0) {
-        across_h[sg] = squares;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    squares = 0.0f;
-    for (int s = 0; s < NT / 32; s++) {
-        squares += across_h[s];
-    }
+    ROW_SUM(squares, across_h);
     const float inv_rms_h = metal::rsqrt(squares / D + epsilon);
     for (int c = 0; c < N; c++) {
         const int i = t + c * NT;

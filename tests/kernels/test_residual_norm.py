@@ -113,7 +113,7 @@ BUGS = {
     "mean over D - 1": (rn.add_scaled_kernel, "scaled", "squares / D + epsilon", "squares / (D - 1) + epsilon"),
     "no rounding before the weight": (rn.add_norm_kernel, "norm",
                                       "static_cast<float>(static_cast<T>(h[c] * inv_rms))", "h[c] * inv_rms"),
-    "one simdgroup's sum": (rn.add_scaled_kernel, "scaled", "squares += across_u[s];", "squares = across_u[0];"),
+    "one simdgroup's sum": (rn.add_scaled_kernel, "scaled", "value += scratch[s];", "value = scratch[0];"),
 }
 
 
