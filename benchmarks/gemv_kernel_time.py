@@ -1,17 +1,17 @@
-"""The GEMVs' time on the GPU alone, from Nsight Compute: effective bandwidth without the host's launch cost.
+"""The quantized GEMV's launch shapes timed on the GPU alone, by Nsight Compute: bandwidth without host costs.
 
-    ncu --csv --metrics gpu__time_duration.sum --clock-control none -k regex:quantized_gemv \
+    ncu --csv --metrics gpu__time_duration.sum --clock-control none -k regex:"quantized_gemv|bandwidth_copy" \
         python -m benchmarks.gemv_kernel_time run --plan P.json > K.csv
     python -m benchmarks.gemv_kernel_time report --plan P.json --ncu K.csv --out benchmarks/results/gemv_kernel_time
 
-Timed by wall clock (benchmarks/gemv_sweep.py, gemv_mma.py), a GEMV of a few MB is bound by the host, which
-encodes a custom kernel's launch in 3-6 µs (launch_cost.md), and a batch of a few calls of a larger one
-carries the evaluation's start and end. Here ncu times each kernel on the device (caches flushed before
-each, as a decode step finds the weights: out of L2; clocks left to the GPU). `run` calls the float GEMV
-(at the model's launch) and the matrix-unit GEMV (its default launch) REPEATS times on every decode shape
-of benchmarks/gemv_mma.py, 1 row, 4-bit g64 bf16, in a fixed order that `report` pairs with ncu's rows;
-it also measures the copy bandwidth (wall clock over 1 GB, where launch cost vanishes). Writes
-gemv_kernel_time.json and .md under --out.
+Timed by wall clock (benchmarks/gemv_sweep.py), a GEMV of a few MB measures the host, which encodes a custom
+kernel's launch in 3-6 µs (launch_cost.md), and a batch of a few calls of a larger one carries the
+evaluation's start and end. Here ncu times each kernel on the device (caches flushed before each, as a
+decode step finds its weights: out of L2; clocks left to the GPU). `run` calls the GEMV REPEATS times at
+every RPSxNSG launch on each decode shape of 31B, E2B and 26B-A4B's dense branch (1 row, 4-bit g64 bf16;
+gate/up also fused), and a plain float4 copy of 1 GB, timed the same way, for the copy bandwidth; `report`
+pairs ncu's rows with the plan's calls (same order) and writes gemv_kernel_time.json and .md under --out:
+µs and % of copy bandwidth per launch, the model's launch (LAUNCH_SHAPES) beside the fastest.
 """
 
 import argparse
@@ -22,39 +22,61 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_gemma4.kernels import quantized_gemv_mma as mma
 from mlx_gemma4.kernels import quantized_matmul as qmm
 from mlx_gemma4.kernels.kernel import launcher
 
 from .attention import device_name
-from .gemv_mma import SHAPES
-from .measure import memory_bandwidth
+from .gemv_sweep import SINGLE, launch_shapes
 from .quantized_matmul import packed
 
-REPEATS = 3
-KERNELS = {"float GEMV": qmm.gemv, "MMA GEMV": mma.gemv}
+# (K, N) of each model's decode projections at 1 row; "gate/up" also runs fused, as the model does
+SHAPES = {
+    "31B": {"k_proj": (5376, 2048), "k/v_proj": (5376, 4096), "q_proj": (5376, 8192), "q_proj global": (5376, 16384),
+            "o_proj": (8192, 5376), "o_proj global": (16384, 5376), "gate/up": (5376, 21504), "down": (21504, 5376),
+            "lm_head": (5376, 262144)},
+    "E2B": {"k/v_proj": (1536, 256), "q_proj": (1536, 2048), "o_proj": (2048, 1536), "gate/up": (1536, 6144),
+            "down": (6144, 1536), "lm_head": (1536, 262144)},
+    "26B-A4B dense": {"q_proj": (2816, 4096), "o_proj": (4096, 2816), "gate/up": (2816, 2112), "down": (2112, 2816)},
+}
+REPEATS = 2
+COPY_BYTES = 2**30
+COPY_SOURCE = """
+    const size_t n = a_shape[0] / 4;
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+        reinterpret_cast<float4*>(b)[i] = reinterpret_cast<const float4*>(a)[i];
+    }
+"""
 
 
-def run(plan: Path):
+def run(plan: Path, launches: list, models: list):
     calls = []
+    copy = mx.fast.cuda_kernel(name="bandwidth_copy", input_names=["a"], output_names=["b"], source=COPY_SOURCE)
+    a = mx.random.uniform(shape=(COPY_BYTES // 4,))
+    mx.eval(a)
+    for _ in range(REPEATS):
+        mx.eval(copy(inputs=[a], grid=(132 * 8 * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[a.shape],
+                     output_dtypes=[a.dtype])[0])
+        calls.append(dict(kind="copy", bytes=2 * COPY_BYTES))
+    del a
     cuda = launcher("cuda")
-    for model, shapes in SHAPES.items():
-        for shape, (k, n) in shapes.items():
+    for model in models:
+        for shape, (k, n) in SHAPES[model].items():
             for fused in (False, True) if shape == "gate/up" else (False,):
                 weights = packed(k, n, 4, 64, mx.bfloat16) + (packed(k, n, 4, 64, mx.bfloat16) if fused else ())
                 x = mx.random.normal((1, k)).astype(mx.bfloat16)
                 mx.eval(x, weights)
-                nbytes = sum(a.nbytes for a in weights)
-                for name, gemv in KERNELS.items():
-                    extra = dict(bits=4) if gemv is qmm.gemv else {}
-                    up = dict(up=weights[3:]) if fused else {}
+                up = dict(up=weights[3:]) if fused else {}
+                for rps, nsg in launches:
                     for _ in range(REPEATS):
-                        mx.eval(gemv(cuda, x, *weights[:3], 64, **extra, **up))
-                        calls.append(dict(model=model, shape=shape, fused=fused, K=k, N=n, bytes=nbytes, kernel=name))
+                        mx.eval(qmm.gemv(cuda, x, *weights[:3], 64, 4, nsg, rps=rps, **up))
+                        calls.append(dict(kind="fused" if fused else "gemv", model=model, shape=shape, K=k, N=n,
+                                          bytes=sum(w.nbytes for w in weights), launch=f"{rps}x{nsg}"))
                 del weights
                 mx.clear_cache()
-    plan.write_text(json.dumps(dict(device=device_name(), mlx=mx.__version__, copy_gbs=memory_bandwidth(2**30)["copy"],
-                                    calls=calls), indent=1))
+    plan.write_text(json.dumps(dict(device=device_name(), mlx=mx.__version__, calls=calls), indent=1))
+
+
+UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 
 
 def report(plan: Path, ncu: Path, out: Path):
@@ -63,32 +85,35 @@ def report(plan: Path, ncu: Path, out: Path):
     rows = [r for r in csv.DictReader(lines) if r["Metric Name"] == "gpu__time_duration.sum"]
     if len(rows) != len(planned["calls"]):
         raise SystemExit(f"ncu timed {len(rows)} kernels, the plan made {len(planned['calls'])}")
-    scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
     times = {}
     for call, row in zip(planned["calls"], rows):
-        key = (call["model"], call["shape"], call["fused"], call["K"], call["N"], call["bytes"])
-        times.setdefault(key, {}).setdefault(call["kernel"], []).append(
-            float(row["Metric Value"].replace(",", "")) * scale[row["Metric Unit"]])
-    copy = planned["copy_gbs"]
+        us = float(row["Metric Value"].replace(",", "")) * UNITS[row["Metric Unit"]]
+        key = "copy" if call["kind"] == "copy" else (call["kind"], call["model"], call["shape"], call["K"], call["N"],
+                                                      call["bytes"])
+        times.setdefault(key, {}).setdefault(call.get("launch"), []).append(us)
+    copy_gbs = 2 * COPY_BYTES / statistics.median(times.pop("copy")[None]) / 1e3
     results = []
-    for (model, shape, fused, k, n, nbytes), by_kernel in times.items():
-        result = dict(model=model, shape=shape, fused=fused, K=k, N=n, mb=round(nbytes / 1e6, 1))
-        for name, us in by_kernel.items():
-            median = statistics.median(us)
-            result[name] = dict(us=round(median, 2), of_copy=round(nbytes / median / 1e3 / copy, 3))
-        results.append(result)
+    for (kind, model, shape, k, n, nbytes), by_launch in times.items():
+        us = {launch: round(statistics.median(t), 2) for launch, t in by_launch.items()}
+        fastest = min(us, key=us.get)
+        current = "{}x{}".format(*qmm.launch_shape("cuda", k, n, 1, 4))
+        results.append(dict(kind=kind, model=model, shape=shape, K=k, N=n, mb=round(nbytes / 1e6, 1), us=us,
+                            best=fastest, best_of_copy=round(nbytes / us[fastest] / 1e3 / copy_gbs, 3), model_launch=current,
+                            model_of_copy=round(nbytes / us[current] / 1e3 / copy_gbs, 3) if current in us else None))
     out.mkdir(parents=True, exist_ok=True)
     (out / "gemv_kernel_time.json").write_text(json.dumps(dict(device=planned["device"], mlx=planned["mlx"],
-                                                               copy_gbs=copy, rows=results), indent=1) + "\n")
-    table = [f"# GEMV time on the GPU, from Nsight Compute ({planned['device']}, mlx {planned['mlx']})", "",
-             f"1 row, 4-bit, group 64, bf16 x; median of {REPEATS} kernels each, caches flushed before each; copy "
-             f"bandwidth {copy:.0f} GB/s (wall clock, 1 GB). µs (% of copy bandwidth).", "",
-             "| model | shape | fused | K | N | MB | " + " | ".join(KERNELS) + " |",
-             "|---|---|---|---:|---:|---:|" + "---:|" * len(KERNELS)]
+                                                               copy_gbs=copy_gbs, rows=results), indent=1) + "\n")
+    launches = list(dict.fromkeys(launch for r in results for launch in r["us"]))
+    table = [f"# GEMV time on the GPU, by Nsight Compute ({planned['device']}, mlx {planned['mlx']})", "",
+             f"1 row, 4-bit, group 64, bf16 x; median of {REPEATS} kernels each, caches flushed before each. Copy "
+             f"bandwidth {copy_gbs:.0f} GB/s (a float4 copy of 1 GB, timed the same way). µs; RPSxNSG launches.", "",
+             "| kind | model | shape | K | N | MB | " + " | ".join(launches) + " | fastest (% of copy) | model's (% of copy) |",
+             "|---|---|---|---:|---:|---:|" + "---:|" * (len(launches) + 2)]
     for r in results:
-        cells = [f"{r[name]['us']} ({100 * r[name]['of_copy']:.0f} %)" for name in KERNELS]
-        table.append(f"| {r['model']} | {r['shape']} | {'yes' if r['fused'] else ''} | {r['K']} | {r['N']} | {r['mb']} | "
-                     + " | ".join(cells) + " |")
+        model_cell = f"{r['model_launch']} ({100 * r['model_of_copy']:.0f} %)" if r["model_of_copy"] else r["model_launch"]
+        table.append(f"| {r['kind']} | {r['model']} | {r['shape']} | {r['K']} | {r['N']} | {r['mb']} | "
+                     + " | ".join(str(r["us"].get(launch, "")) for launch in launches)
+                     + f" | {r['best']} ({100 * r['best_of_copy']:.0f} %) | {model_cell} |")
     (out / "gemv_kernel_time.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
@@ -99,9 +124,11 @@ def main():
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--ncu", type=Path, help="ncu's CSV (report)")
     parser.add_argument("--out", type=Path, help="folder for the results (report)")
+    parser.add_argument("--launches", nargs="*", default=SINGLE, help="launch shapes RPSxNSG (run)")
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     if args.mode == "run":
-        run(args.plan)
+        run(args.plan, launch_shapes(args.launches), args.models)
     else:
         report(args.plan, args.ncu, args.out)
 

@@ -18,15 +18,6 @@ A body is written once in Metal spelling, restricted to a portable subset, and h
 - `and_or(a, mask, bits)`: (a & mask) | bits, mask and bits compile-time constants (one LOP3 on CUDA,
   where the plain expression takes two); `f32x2` and `half_pair(u, mul, add)`: the two float16 halves
   of u, low first, each as h * mul + add computed in float16 (exact where the result is), as floats.
-- `load_pairs8(p)`: eight consecutive 16-bit elements (float16 or bfloat16) as four words of raw bits, p
-  16-byte aligned; `pack_low16(a, b)` / `pack_high16(a, b)`: the low (high) halves of a and b as one
-  word, a's first (one PRMT on CUDA).
-- `mma_16x8x16(T, d, a, b0, b1, lane)`, a statement: D (16x8) += A (16x16) B (16x8) with float d[4],
-  uint a[4], T float16 or bfloat16, in NVIDIA's mma.sync m16n8k16 fragments: lane = 4g + t holds A's
-  rows g, g + 8 at k 2t, 2t + 1 (a[0], a[1]) and k 2t + 8, 2t + 9 (a[2], a[3]) as 16-bit pairs, B's
-  column g at the same k (b0, b1), D's rows g, g + 8 at columns 2t, 2t + 1 (d[0], d[1]; d[2], d[3]). One
-  instruction on CUDA; on Metal 32 shuffles and float FMAs (correct and slow: the verification ladder
-  runs it, Apple GPUs never do). All 32 lanes call it (simdgroup-uniform control flow).
 - arithmetic in float: load with `static_cast<float>` or `load4`, store with `static_cast<T>`
   (CUDA's bf16/half operators are ambiguous in mixed expressions). No lambdas, no double, no std::.
 - grid a multiple of the threadgroup: Metal launches exactly the grid, CUDA whole blocks.
@@ -48,37 +39,6 @@ inline f32x2 half_pair(uint u, float mul, float add) {
   return f32x2{float(as_type<half>(ushort(u & 0xffffu)) * half(mul) + half(add)),
                float(as_type<half>(ushort(u >> 16)) * half(mul) + half(add))};
 }
-template <typename P> inline uint pair_bits(P p, int i) {
-  return uint(as_type<ushort>(p[i])) | (uint(as_type<ushort>(p[i + 1])) << 16);
-}
-template <typename P> inline u32x4 load_pairs8(P p) {
-  return u32x4{{pair_bits(p, 0), pair_bits(p, 2), pair_bits(p, 4), pair_bits(p, 6)}};
-}
-inline uint pack_low16(uint a, uint b) { return (a & 0xffffu) | (b << 16); }
-inline uint pack_high16(uint a, uint b) { return (a >> 16) | (b & 0xffff0000u); }
-template <typename T> inline float pair_dot(uint a, uint b) {
-  return float(as_type<T>(ushort(a & 0xffffu))) * float(as_type<T>(ushort(b & 0xffffu))) +
-         float(as_type<T>(ushort(a >> 16))) * float(as_type<T>(ushort(b >> 16)));
-}
-template <typename T>
-inline f32x4 mma_shuffled(uint a0, uint a1, uint a2, uint a3, uint b0, uint b1, float d0, float d1, float d2,
-                          float d3, uint lane) {
-  const uint g = lane / 4, t = lane % 4;
-  float acc[4] = {d0, d1, d2, d3};
-  for (uint src = 0; src < 4; src++) {  // k 2 src, 2 src + 1, 2 src + 8, 2 src + 9: lanes 4 row + src hold them
-    const uint ra[4] = {simd_shuffle(a0, ushort(4 * g + src)), simd_shuffle(a1, ushort(4 * g + src)),
-                        simd_shuffle(a2, ushort(4 * g + src)), simd_shuffle(a3, ushort(4 * g + src))};
-    const uint rb[2][2] = {{simd_shuffle(b0, ushort(8 * t + src)), simd_shuffle(b1, ushort(8 * t + src))},
-                           {simd_shuffle(b0, ushort(8 * t + 4 + src)), simd_shuffle(b1, ushort(8 * t + 4 + src))}};
-    for (int e = 0; e < 4; e++) {
-      acc[e] += pair_dot<T>(ra[e / 2], rb[e & 1][0]) + pair_dot<T>(ra[2 + e / 2], rb[e & 1][1]);
-    }
-  }
-  return f32x4{acc[0], acc[1], acc[2], acc[3]};
-}
-#define mma_16x8x16(T, d, a, b0, b1, lane) { \
-  const f32x4 mma_ = mma_shuffled<T>(a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2], d[3], lane); \
-  d[0] = mma_.x; d[1] = mma_.y; d[2] = mma_.z; d[3] = mma_.w; }
 """
 
 CUDA_PRELUDE = r"""
@@ -148,21 +108,4 @@ __device__ __forceinline__ f32x2 half_pair(uint u, float mul, float add) {
   float2 f = __half22float2(h);
   return f32x2{f.x, f.y};
 }
-template <typename P> __device__ __forceinline__ u32x4 load_pairs8(const P* p) {
-  uint4 u = *reinterpret_cast<const uint4*>(p);  // 16-byte aligned
-  return u32x4{{u.x, u.y, u.z, u.w}};
-}
-__device__ __forceinline__ uint pack_low16(uint a, uint b) { return __byte_perm(a, b, 0x5410); }
-__device__ __forceinline__ uint pack_high16(uint a, uint b) { return __byte_perm(a, b, 0x7632); }
-template <typename T> __device__ __forceinline__ void mma_sync(float (&d)[4], const uint (&a)[4], uint b0, uint b1);
-#define MMA_SYNC(T, PTX_TYPE)                                                                                    \
-  template <> __device__ __forceinline__ void mma_sync<T>(float (&d)[4], const uint (&a)[4], uint b0, uint b1) { \
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "     \
-        "{%8,%9}, {%0,%1,%2,%3};"                                                                               \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                        \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                                        \
-  }
-MMA_SYNC(__nv_bfloat16, "bf16")
-MMA_SYNC(__half, "f16")
-#define mma_16x8x16(T, d, a, b0, b1, lane) mma_sync<T>(d, a, b0, b1)
 """

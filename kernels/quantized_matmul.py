@@ -12,14 +12,16 @@ speed. A threadgroup owns RPS weight rows and NSG simdgroups that split K betwee
 walk K in steps of NSG x 32 lanes x one 16-byte word per row (32 codes at 4 bits, 16 at 8), and the
 next step's words, scales and biases are loaded before the current step's arithmetic, so that a lane
 never waits on memory it could have asked for earlier. The launch shape (RPS, NSG) comes from
-`LAUNCH_SHAPES` per backend and weight shape (benchmarks/gemv_sweep.py measures them all); by default
+`LAUNCH_SHAPES` per backend and weight shape (benchmarks/gemv_kernel_time.py times them all); by default
 RPS = 4 and NSG (`simdgroups`) grows for short N until the launch has enough simdgroups to fill an
 H100. Each simdgroup's sums meet in threadgroup memory. A lane's chunk lies inside one quantization
 group, so it folds its partial dot products as scale * sum(x * code) + bias * sum(x). The activations
 come from L1, reused across the RPS rows. Codes become floats two at a time through float16 pairs
 (`UNPACK_CODES`), without an int->float conversion (a quarter-rate instruction on NVIDIA GPUs). On an
-H100 the loop is still bound by instruction issue more than by DRAM (ncu: SM 60 %, DRAM 51 % on 31B's
-gate/up; benchmarks/results/gemv_unpack_ab.md). The body's template: T (output dtype), BITS, GS (group
+H100, by GPU time, it streams 31B's 50-130 MB weights at 66-80 % of the copy bandwidth and its lm_head at
+94 %; a few-MB weight is bound by the kernel's ~4-8 µs floor (benchmarks/results/gemv_kernel_time.md).
+Fewer instructions do not move it: a matrix-unit body at 1.85 instructions a code against this one's 4.6
+was no faster (gemv_mma.md). The body's template: T (output dtype), BITS, GS (group
 size), M (rows of x), RPS, NSG; `Kernel.build` strips its comments, since MLX builds and hashes the
 whole source on every call.
 
@@ -285,19 +287,17 @@ def _supports(x_shape, x_dtype, w_shape, w_dtype, scales_shape, biases_shape, gr
 
 # The GEMV's launch shape, (RPS, NSG), by weight shape on each backend: rules (most rows of x, fewest K,
 # most K, fewest N, most N, RPS, NSG), the first that matches wins; none: RPS 4 and `simdgroups`'s NSG.
-# Fill from benchmarks/gemv_sweep.py's "best per shape" (it prints the rules); a rule for the gate/up
-# shape also shapes the fused gate/up GEMV, whose own best the sweep reports beside it.
+# Fill from the GPU's own time of each launch (benchmarks/gemv_kernel_time.py, under Nsight Compute);
+# a rule for the gate/up shape also shapes the fused gate/up GEMV, timed beside it.
 LAUNCH_SHAPES = {
-    # H100, 31B's decode shapes at 1 row, 4-bit g64, the float16-pair body (benchmarks/results/gemv_sweep.md,
-    # session 7): 1.02-1.3x the default where listed. The gate/up shape keeps the default: its fused GEMV
-    # (the model's) is best there.
+    # H100, 1 row, 4-bit g64, by GPU time alone (Nsight Compute: benchmarks/results/gemv_kernel_time.md,
+    # session 8; wall clock measured the host's launch cost at the small shapes). RPS 4 x NSG 2 is the
+    # fastest or within ~5 % of it on 17 of the 22 shapes of 31B, E2B and 26B-A4B's dense branch, the fused
+    # gate/up GEMVs included (31B o_proj global 25 against 34 us at the old 8x1); the lm_heads stream best
+    # at 8x1 (E2B 102 against 119 us).
     "cuda": (
-        (1, 5376, 5376, 2048, 2048, 8, 4),
-        (1, 5376, 5376, 4096, 4096, 4, 1),
-        (1, 5376, 5376, 8192, 8192, 8, 2),
-        (1, 5376, 5376, 16384, 16384, 8, 2),
-        (1, 16384, 16384, 5376, 5376, 8, 1),
-        (1, 5376, 5376, 262144, 262144, 8, 2),
+        (1, 0, math.inf, 262144, math.inf, 8, 1),
+        (1, 0, math.inf, 0, math.inf, 4, 2),
     ),
     "metal": (),
     "reference": (),

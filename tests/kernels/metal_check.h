@@ -34,7 +34,6 @@ enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_te
 void threadgroup_barrier(mem_flags flags);
 template <typename T> T simd_sum(T x);
 template <typename T> T simd_max(T x);
-template <typename T> T simd_shuffle(T x, ushort lane);
 float exp(float x);
 float exp2(float x);
 float rsqrt(float x);

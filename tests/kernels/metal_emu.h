@@ -305,34 +305,6 @@ T simd_call(T x, int line) {
   return x;
 }
 
-// simd_shuffle: every lane reads the value of the lane it names.
-template <typename T>
-struct Shuffled {
-  T value;
-  uint source;
-};
-
-template <typename T>
-void shuffle(Fiber* const* lanes) {
-  Shuffled<T> v[SIMD_WIDTH];
-  for (uint l = 0; l < SIMD_WIDTH; ++l) std::memcpy(&v[l], lanes[l]->operand, sizeof(v[l]));
-  for (uint l = 0; l < SIMD_WIDTH; ++l) {
-    if (v[l].source >= SIMD_WIDTH) fail("simd_shuffle from lane %u", v[l].source);
-    std::memcpy(lanes[l]->result, &v[v[l].source].value, sizeof(T));
-  }
-}
-
-template <typename T>
-T simd_shuffle(T x, uint source, int line) {
-  static_assert(sizeof(Shuffled<T>) <= 16, "simd operand too large");
-  Fiber& f = group->fibers[group->current];
-  Shuffled<T> operand{x, source};
-  std::memcpy(f.operand, &operand, sizeof(operand));
-  yield(State::AtSimd, line, shuffle<T>);
-  std::memcpy(&x, f.result, sizeof(T));
-  return x;
-}
-
 struct Add {
   template <typename T> T operator()(T a, T b) const { return a + b; }
 };
@@ -352,9 +324,6 @@ inline void threadgroup_barrier(mem_flags, int line = __builtin_LINE()) {
 }
 template <typename T> T simd_sum(T x, int line = __builtin_LINE()) { return metal_emu::simd_call<T, metal_emu::Add>(x, line); }
 template <typename T> T simd_max(T x, int line = __builtin_LINE()) { return metal_emu::simd_call<T, metal_emu::Max>(x, line); }
-template <typename T> T simd_shuffle(T x, ushort lane, int line = __builtin_LINE()) {
-  return metal_emu::simd_shuffle<T>(x, lane, line);
-}
 inline float exp(float x) { return __builtin_expf(x); }
 inline float exp2(float x) { return __builtin_exp2f(x); }
 inline float rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
