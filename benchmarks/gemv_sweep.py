@@ -10,8 +10,9 @@ shape (4-bit, group 64, bf16 x, 1 row unless --rows says otherwise) and launch s
 median of trials of a batch of calls on distinct weight copies of >= 256 MB, as
 benchmarks/quantized_matmul.py times decode), GB/s of the weight read and its fraction of the measured
 copy bandwidth, and the relative error against the float32 definition; MLX's op beside it. Then the best
-launch shape per weight shape, and the LAUNCH_SHAPES rules that would pick it (paste into
-kernels/quantized_matmul.py, merging rules where neighbouring shapes agree). Writes gemv_sweep.json and
+launch shape per weight shape, and the LAUNCH_SHAPES rules that would pick it. Wall clock includes the
+host's launch cost (it dominates below ~10 MB) and an evaluation's start and end; LAUNCH_SHAPES now comes
+from the GPU's own time (benchmarks/gemv_kernel_time.py), this sweep is the end-to-end view beside it. Writes gemv_sweep.json and
 gemv_sweep.md under --out; each result row is printed as it comes.
 """
 
