@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_gemma4.config import TextConfig
-from mlx_gemma4.kernels import moe_experts, moe_router, residual_norm, sdpa, tq_attention, tq_encode
+from mlx_gemma4.kernels import head_norm_rope, moe_experts, moe_router, residual_norm, sdpa, tq_attention, tq_encode
 from mlx_gemma4.model import Model
 from mlx_gemma4.presets import PRESETS
 
@@ -37,7 +37,7 @@ VIEWS = {"Broadcast", "Reshape", "Slice", "Split", "Squeeze", "ExpandDims", "Tra
 STAND_IN = "Depends"  # one of our kernels (stand_in)
 # (the package exports a function named decode_attention, hence the lookup by module name)
 KERNEL_MODULES = (importlib.import_module("mlx_gemma4.kernels.decode_attention"), sdpa, tq_attention, tq_encode,
-                  moe_router, moe_experts, residual_norm)
+                  moe_router, moe_experts, residual_norm, head_norm_rope)
 
 
 @lru_cache(maxsize=None)

@@ -9,7 +9,8 @@ A body is written once in Metal spelling, restricted to a portable subset, and h
 - `threadgroup T name[N];` at the body's top level, `threadgroup_barrier(mem_flags::mem_threadgroup)`.
 - `simd_sum`, `simd_max` over all 32 lanes: only in simdgroup-uniform control flow, with threadgroups
   a multiple of 32 threads (CUDA's full-mask shuffles need every lane).
-- `metal::exp`, `metal::exp2`, `metal::rsqrt` on floats, `metal::max`, `metal::min` on floats and ints.
+- `metal::exp`, `metal::exp2`, `metal::rsqrt`, `metal::cos`, `metal::sin` on floats (CUDA: the accurate
+  cosf/sinf, as MLX's own kernels, which NVRTC compiles without fast math), `metal::max`, `metal::min` on floats and ints.
 - `f32x4` and `load4(p)`: four consecutive elements as floats, p 8-byte aligned (vector loads on CUDA).
 - inputs indexed through `<name>_shape[i]` / `<name>_strides[i]` (Metal: pointers, CUDA: arrays);
   no 0-d inputs (Metal passes them by reference, CUDA by pointer): pass shape-(1,) arrays, read x[0].
@@ -68,6 +69,8 @@ namespace metal {
 __device__ __forceinline__ float exp(float x) { return ::expf(x); }
 __device__ __forceinline__ float exp2(float x) { return ::exp2f(x); }
 __device__ __forceinline__ float rsqrt(float x) { return ::rsqrtf(x); }
+__device__ __forceinline__ float cos(float x) { return ::cosf(x); }
+__device__ __forceinline__ float sin(float x) { return ::sinf(x); }
 __device__ __forceinline__ float max(float a, float b) { return ::fmaxf(a, b); }
 __device__ __forceinline__ float min(float a, float b) { return ::fminf(a, b); }
 __device__ __forceinline__ int max(int a, int b) { return a > b ? a : b; }

@@ -103,12 +103,12 @@ add_scaled_kernel = Kernel(
 THREADS = 512  # a row's threadgroup: 3 to 11 elements a thread for the presets' 1536 to 5376
 MOST_PER_THREAD = 16  # registers a thread holds h in: rows up to 8192
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-# The most rows (B·L) the fused kernels serve on each backend; more (prefill) keep MLX's ops. None on CUDA:
-# on an H100 they showed no decode gain beyond the host's noise (on/off 0.89-1.03x alternated in one process,
-# benchmarks/results/2026-11-23-h100-4bit-31b-residual-norm-ab.md), so MLX's ops, the simpler path, serve;
-# the kernels stay correct and tested (TESTED_ROWS on the emulator and the GPU). Metal's rms_norm is a
-# single kernel too and nothing was timed there.
-MOST_ROWS = {"cuda": 0, "metal": 0, "reference": 0}
+# The most rows (B·L) the fused kernels serve on each backend; more (prefill) keep MLX's ops. On CUDA a decode
+# step is bound by the host's cost of each launch (benchmarks/results/decode_time_split.md), which these
+# cut by three a layer; an earlier tok/s A/B was within that host's noise (on/off 0.89-1.03x,
+# benchmarks/results/2026-11-23-h100-4bit-31b-residual-norm-ab.md). Metal's rms_norm is a single kernel
+# too and nothing was timed there.
+MOST_ROWS = {"cuda": 16, "metal": 0, "reference": 0}
 TESTED_ROWS = 16  # the most rows the tests run the kernels on
 
 

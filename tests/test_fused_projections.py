@@ -168,10 +168,22 @@ def test_app_loader_fuses():
     assert mx.array_equal(decode(model), decode(load_model(folder, lazy=True))).item()
 
 
-def test_kernel_layers_stay_apart():
-    """Our kernel layers (model/quantized_linear.py) fuse gate/up their own way: fuse_projections leaves them."""
-    from mlx_gemma4.model.quantized_linear import use_kernel_layers
+@pytest.mark.parametrize("layout", ["E2B", "31B"])
+def test_kernel_layers_fuse(layout, monkeypatch):
+    """Our kernel layers (model/quantized_linear.py) fuse too: one matmul over q/k/v, with plans of its own."""
+    from mlx_gemma4.model.quantized_linear import QuantizedLinear, use_kernel_layers
 
-    model = use_kernel_layers(tiny_model("31B", bits=4))
+    model, twin = (use_kernel_layers(tiny_model(layout, bits=4)) for _ in range(2))
+    before = decode(twin)
     fuse_projections(model)
-    assert projections(model) and not any(type(p) is FusedProjections for p in projections(model))
+    fused = projections(model)
+    assert fused and all(type(p) is FusedProjections and type(p.linear) is QuantizedLinear for p in fused)
+    after = decode(model)
+    assert float(mx.abs(after - before).max()) <= 1e-6 * float(mx.abs(before).max())
+    qkv = model.layers[0].self_attn.project_qkv
+    assert qkv.linear.plans is not qkv.members[0].plans and qkv.linear.plans  # planned for the fused shape
+    monkeypatch.setenv("MLX_GEMMA4_QUANTIZED_MATMUL", "dequantize")
+    use_kernel_layers(model)  # re-reads the path: the fused layer drops its plans too
+    assert not qkv.linear.plans and qkv.linear.path == "dequantize"
+    np.testing.assert_allclose(np.array(decode(model)), np.array(after), rtol=1e-2, atol=1e-2)
+    assert all(type(p) is FusedProjections for p in projections(model))

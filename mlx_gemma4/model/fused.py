@@ -18,7 +18,8 @@ import copy
 import mlx.core as mx
 import mlx.nn as nn
 
-# Exact types: subclasses (our kernel layers, model/quantized_linear.py) fuse gate/up their own way.
+# Exact types, and subclasses that say `fusable = True` (our kernel layers, model/quantized_linear.py): a
+# subclass may hold state a concatenation would not carry over.
 FUSABLE = (nn.Linear, nn.QuantizedLinear)
 FORMAT = ("group_size", "bits", "mode")
 ARRAYS = {"weight", "bias", "scales", "biases"}
@@ -78,7 +79,9 @@ class FusedProjections(Projections):
 def fusable(members: list) -> bool:
     """One class of FUSABLE, one format, one input width, the same arrays (bias all or none) of one dtype."""
     first = members[0]
-    if type(first) not in FUSABLE or any(type(m) is not type(first) for m in members):
+    if not (type(first) in FUSABLE or getattr(type(first), "fusable", False)):
+        return False
+    if any(type(m) is not type(first) for m in members):
         return False
     if any(set(m) != set(first) for m in members) or not set(first) <= ARRAYS:
         return False

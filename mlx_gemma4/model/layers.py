@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..config import LayerSpec
+from ..kernels import head_norm_rope
 from .fused import Projections
 
 
@@ -48,6 +49,9 @@ class RoPE(nn.Module):
             self._periods = mx.concatenate([periods, unrotated])
         else:
             self._periods = None
+        # The same rotation's inverse frequencies as kernels/head_norm_rope.py takes them (held as a plain
+        # attribute: not a parameter, never cast by set_dtype).
+        self.__dict__["frequencies"] = head_norm_rope.rope_frequencies(self.base, self._periods)
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
         periods = self.get("_periods")  # by item (see text.Attention); None is a plain attribute, not an item

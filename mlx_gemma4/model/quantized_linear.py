@@ -45,6 +45,15 @@ class _Planned:
 
 
 class QuantizedLinear(_Planned, nn.QuantizedLinear):
+    fusable = True  # model/fused.py may concatenate several (a layer's q/k/v): its copy plans afresh
+
+    def __copy__(self):
+        twin = type(self).__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        dict.update(twin, self)
+        twin._setup(self.path, self.on)
+        return twin
+
     def __call__(self, x: mx.array) -> mx.array:
         y = self._matmul(x)
         return y + self["bias"] if "bias" in self else y
@@ -125,6 +134,9 @@ def use_kernel_layers(model: nn.Module) -> nn.Module:
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
     for _, module in model.named_modules():
+        for held in vars(module).values():  # fused projections (model/fused.py) hold a layer outside the tree
+            if isinstance(getattr(held, "linear", None), _Planned):
+                held.linear._setup(path, on)
         if isinstance(module, MLP) and _fusable(module):
             module.__class__ = GegluMLP
             module.__dict__["plans"] = {}

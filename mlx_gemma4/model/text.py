@@ -14,7 +14,7 @@ import numpy as np
 
 from ..cache import FullCache, SlidingCache
 from ..quantized_cache import KVQuantConfig, Packed, make_quantized_cache, quantized_attention
-from ..kernels import scaled_dot_product_attention
+from ..kernels import head_norm_rope, scaled_dot_product_attention
 from ..kernels.residual_norm import add_norm, add_scaled
 from ..config import FULL, SLIDING, LayerSpec, TextConfig
 from .fused import Projections
@@ -48,19 +48,26 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         dim = self.spec.head_dim
         rope = self["rope"]
+        prepared = False
         if shared_kv is not None:
             queries = self["q_proj"](x)
             keys, values = shared_kv
         else:
             queries, keys, *values = self.project_qkv(self, x)
-            keys = keys.reshape(batch, length, -1, dim)
             # k_eq_v (global layers of 26B/31B): values are the raw key projection, before k_norm.
-            values = values[0].reshape(batch, length, -1, dim) if values else keys
-            keys = rope(self["k_norm"](keys).transpose(0, 2, 1, 3), offset)
-            values = rms_norm_no_scale(values, self.eps).transpose(0, 2, 1, 3)
+            values = values[0] if values else keys
+            wq, wk = self["q_norm"]["weight"], self["k_norm"]["weight"]
+            heads = head_norm_rope.plan(queries, keys, values, wq, wk, rope.frequencies, self.eps, dim)
+            if heads is not None:  # the norms and RoPEs of all three in one launch (decode rows on a GPU)
+                queries, keys, values = heads(queries, keys, values, wq, wk, rope.frequencies[1], offset)
+                prepared = True
+            else:
+                keys = rope(self["k_norm"](keys.reshape(batch, length, -1, dim)).transpose(0, 2, 1, 3), offset)
+                values = rms_norm_no_scale(values.reshape(batch, length, -1, dim), self.eps).transpose(0, 2, 1, 3)
             keys, values = cache.update_and_fetch(keys, values)
-        queries = self["q_norm"](queries.reshape(batch, length, -1, dim))
-        queries = rope(queries.transpose(0, 2, 1, 3), offset)
+        if not prepared:
+            queries = self["q_norm"](queries.reshape(batch, length, -1, dim))
+            queries = rope(queries.transpose(0, 2, 1, 3), offset)
         attend = quantized_attention if isinstance(keys, Packed) else scaled_dot_product_attention
         out = attend(queries, keys, values, scale=1.0, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)

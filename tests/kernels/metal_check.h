@@ -37,6 +37,8 @@ template <typename T> T simd_max(T x);
 float exp(float x);
 float exp2(float x);
 float rsqrt(float x);
+float cos(float x);
+float sin(float x);
 float max(float a, float b);
 float min(float a, float b);
 int max(int a, int b);

@@ -327,6 +327,8 @@ template <typename T> T simd_max(T x, int line = __builtin_LINE()) { return meta
 inline float exp(float x) { return __builtin_expf(x); }
 inline float exp2(float x) { return __builtin_exp2f(x); }
 inline float rsqrt(float x) { return 1.0f / __builtin_sqrtf(x); }
+inline float cos(float x) { return __builtin_cosf(x); }
+inline float sin(float x) { return __builtin_sinf(x); }
 inline float max(float a, float b) { return __builtin_fmaxf(a, b); }  // a NaN loses, as in Metal and CUDA
 inline float min(float a, float b) { return __builtin_fminf(a, b); }
 inline int max(int a, int b) { return a > b ? a : b; }
