@@ -217,7 +217,8 @@ combine_kernel = Kernel(
     outputs=["out"],
 )
 
-BK = 8  # keys a simdgroup scores before one softmax update
+BK = 4  # keys a simdgroup scores before one softmax update (H100 by GPU time: 24 against 28 us at 8, 31B sliding
+# 1055 keys; 57 against 90 at 8192: benchmarks/results/decode_timeline.md)
 HEAD_DIMS_PER_SIMDGROUP = 1024  # HPS * D: the per-lane query and output registers, 2 * HPS * D / 32
 MIN_SIMDGROUPS = 4  # per threadgroup
 TARGET_THREADGROUPS = 512  # enough to fill an H100 (132 SMs) or an M-series Max; more only adds partials
