@@ -71,6 +71,8 @@ def test_decode_steps_of_a_model_take_the_kernel(monkeypatch):
 
     monkeypatch.setattr(hr, "launcher", counting)
     monkeypatch.setattr(hr, "_plans", {})
+    decode()  # probes and plans
+    launched.clear()
     fused = decode()
     assert launched.count(hr.head_norm_rope_kernel.name) == 4 * model.config.num_hidden_layers  # prefill (8 rows), 3 steps
     monkeypatch.setitem(hr.MOST_ROWS, "cuda", 0)
