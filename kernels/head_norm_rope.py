@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from .kernel import Kernel, Launcher, backend, launcher, usable
+from .residual_norm import differences  # each output within the dtype's tolerance of the reference's
 
 SOURCE = r"""
     // Template: T, D (head dim), HQ, HKV, FREQS (inverse frequencies given, else freq[0] = log2(base)).
@@ -187,9 +188,6 @@ def _constant(value: float) -> mx.array:
     return mx.array([value], mx.float32)
 
 
-TOLERANCE = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 2e-2}  # relative to the largest output
-
-
 def case(dtype, dim: int, q_heads: int, kv_heads: int, rows: int, seed: int = 0) -> tuple:
     """Projections like a layer's (q, k, v [1, rows, H·D]) and norm weights around 1."""
     keys = mx.random.split(mx.random.key(seed), 5)
@@ -199,18 +197,6 @@ def case(dtype, dim: int, q_heads: int, kv_heads: int, rows: int, seed: int = 0)
     wq = (1 + 0.3 * mx.random.normal((dim,), key=keys[3])).astype(dtype)
     wk = (1 + 0.3 * mx.random.normal((dim,), key=keys[4])).astype(dtype)
     return q, k, v, wq, wk
-
-
-def differences(got: tuple, want: tuple) -> Optional[str]:
-    """None when each output is the reference's up to the norms' summation order."""
-    for g, w in zip(got, want):
-        if g.shape != w.shape or g.dtype != w.dtype:
-            return f"got {g.shape} {g.dtype}, want {w.shape} {w.dtype}"
-        scale = max(mx.abs(w.astype(mx.float32)).max().item(), 1.0)
-        error = mx.abs(g.astype(mx.float32) - w.astype(mx.float32)).max().item() / scale
-        if not error <= TOLERANCE[w.dtype]:  # NaN fails too
-            return f"max error {error:.3g} > {TOLERANCE[w.dtype]}"
-    return None
 
 
 EPS = 1e-6  # Gemma 4's rms_norm_eps
