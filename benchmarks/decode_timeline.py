@@ -31,6 +31,7 @@ FAMILIES = (  # first match wins; names as MLX's CUDA backend gives its kernels 
     ("quantized matmul (MLX)", r"qmv|qmm|quantized|affine"),
     ("decode attention (ours)", r"decode_attention|sdpa|attention"),
     ("residual + norm (ours)", r"residual_norm|add_norm|add_scaled"),
+    ("q/k/v norms + RoPE (ours)", r"head_norm_rope"),
     ("rms_norm", r"rms_?norm"),
     ("rope", r"rope"),
     ("copy / slice update", r"copy|slice|scatter|gather"),
@@ -85,8 +86,9 @@ def split(rows: list, steps: int) -> dict:
         busies.append(covered(step) / 1e3)
         counts.append(len(step))
         for _, d, name in step:
-            by_family[family(name)][0] += 1
-            by_family[family(name)][1] += d
+            totals = by_family[family(name)]
+            totals[0] += 1
+            totals[1] += d
     n = len(spans)
     span, busy = statistics.median(spans), statistics.median(busies)
     families = sorted(((label, c / n, ns / 1e3 / n) for label, (c, ns) in by_family.items()), key=lambda r: -r[2])

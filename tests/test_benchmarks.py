@@ -37,3 +37,22 @@ def test_harness_on_a_reduced_preset(tmp_path):
             assert case[runtime]["prompt_tps"]["median"] > 0
     table = stem.with_suffix(".md").read_text()
     assert "| E2B/2L/1024V | tg3 @ d24 |" in table and "mlx_lm.benchmark form" in table
+
+
+def test_decode_timeline_split():
+    """Steps cut at the argmax kernel; busy counts overlapping kernels once; families sum per step."""
+    from benchmarks.decode_timeline import split
+
+    rows = []
+    for step in range(3):  # argmax, then a GEMV and an overlapping head_norm_rope, then a gap of 100 ns
+        t = 1000 * step
+        rows += [(t, 10, "arg_reduce_general"), (t + 20, 200, "custom_kernel_quantized_gemv_x"),
+                 (t + 120, 200, "custom_kernel_head_norm_rope_x")]
+    rows.append((3000, 10, "arg_reduce_general"))
+    result = split(rows, steps=3)
+    assert result["steps"] == 3 and result["kernels_per_step"] == 3
+    assert result["span_us"] == pytest.approx(1.0)  # end of one argmax to end of the next
+    assert result["busy_us"] == pytest.approx(0.31)  # 20..320 once, plus the argmax's 10
+    families = {row["family"]: row for row in result["families"]}
+    assert families["quantized GEMV (ours)"]["us_per_step"] == pytest.approx(0.2)
+    assert families["q/k/v norms + RoPE (ours)"]["per_step"] == 1

@@ -48,11 +48,7 @@ class QuantizedLinear(_Planned, nn.QuantizedLinear):
     fusable = True  # model/fused.py may concatenate several (a layer's q/k/v): its copy plans afresh
 
     def __copy__(self):
-        twin = type(self).__new__(type(self))
-        twin.__dict__.update(self.__dict__)
-        dict.update(twin, self)
-        twin._setup(self.path, self.on)
-        return twin
+        return _twin(type(self), self, self.path, self.on)
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self._matmul(x)
@@ -97,6 +93,15 @@ def _fusable(mlp: MLP) -> bool:
 _OURS = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
 
 
+def _twin(cls, module: nn.Module, path: str, on: str) -> _Planned:
+    """A `cls` holding `module`'s arrays and settings, with no plans yet."""
+    twin = cls.__new__(cls)  # no __init__: it would quantize a random weight
+    twin.__dict__.update(module.__dict__)  # group size, bits, mode, frozen state, ...
+    dict.update(twin, module)  # the arrays: weight, scales, biases (, bias)
+    twin._setup(path, on)
+    return twin
+
+
 def kernel_layers_wanted() -> bool:
     """Whether loaders swap our layers in: where the backend's dispatch table routes some shapes to our
     paths (CUDA), unless MLX_GEMMA4_QUANTIZED_MATMUL=mlx; elsewhere only when that variable names one of
@@ -126,11 +131,7 @@ def use_kernel_layers(model: nn.Module) -> nn.Module:
         ours = _OURS.get(type(module))
         if ours is None:
             return module
-        twin = ours.__new__(ours)  # no __init__: it would quantize a random weight
-        twin.__dict__.update(module.__dict__)  # group size, bits, mode, frozen state, ...
-        dict.update(twin, module)  # the arrays: weight, scales, biases (, bias)
-        twin._setup(path, on)
-        return twin
+        return _twin(ours, module, path, on)
 
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
     for _, module in model.named_modules():
